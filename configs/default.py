@@ -1,0 +1,90 @@
+"""Base configuration: the course model on the built-in shapes dataset.
+
+Every other config imports this one and changes fields. Train with:
+
+  python scripts/train.py --config configs/default.py --workdir workdirs/default
+
+Any field can be overridden on the command line, e.g. `--config.batch_size=64`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # Global batch size, summed over all devices and hosts.
+  config.batch_size = 128
+  config.num_train_steps = 20_000
+  config.log_every_steps = 100
+  config.eval_every_steps = 2_000
+  config.checkpoint_every_steps = 1_000
+  # Checkpoints kept in WORKDIR/checkpoints; older ones are deleted.
+  config.keep_checkpoints = 3
+
+  config.data = data = ml_collections.ConfigDict()
+  # A tfds dataset with the features of `coco_captions`; 'shapes_captions' is built in.
+  data.name = 'shapes_captions'
+  # tfds data directory; None is tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+  data.data_dir = ml_collections.config_dict.placeholder(str)
+  data.train_split = 'train'
+  data.eval_splits = ('val', 'test')
+  # Images are resized to image_size x image_size and scaled to [-1, 1].
+  data.image_size = 64
+  # Token rows are BOS, caption pieces, EOS, padding: at most max_len ids.
+  data.max_len = 20
+  # Upper bound of the sentencepiece vocabulary trained on the training captions.
+  data.vocab_size = 10_000
+  # 'bpe' or 'unigram'; bpe keeps whole words on small corpora.
+  data.tokenizer_type = 'bpe'
+  data.shuffle_buffer = 10_000
+  # Keep decoded, resized images in memory after the first epoch (small datasets only).
+  data.cache_images = True
+
+  # Generation parameters of the built-in dataset (used when name == 'shapes_captions').
+  data.shapes = shapes = ml_collections.ConfigDict()
+  shapes.image_size = 64
+  shapes.min_objects = 1
+  # At most 4 objects per image.
+  shapes.max_objects = 3
+  shapes.seed = 0
+  shapes.train_size = 20_000
+  shapes.val_size = 1_000
+  shapes.test_size = 1_000
+
+  config.model = model = ml_collections.ConfigDict()
+  # A name in jaxcap.models.encoders.ENCODERS: 'small_cnn', 'inception_v3', or 'zeros'
+  # (ignores the image: the blind baseline).
+  model.encoder = 'small_cnn'
+  # False freezes the encoder (no gradient; batch norm uses moving statistics).
+  model.train_encoder = True
+  # Directory of converted encoder weights; None initialises the encoder randomly.
+  model.encoder_weights = ml_collections.config_dict.placeholder(str)
+  # Batch-norm moving-average momentum; short runs need a low value to track the weights.
+  model.bn_momentum = 0.9
+  model.small_cnn = ml_collections.ConfigDict({'features': (32, 64, 128, 256)})
+  model.image_bottleneck = 120
+  model.embed_dim = 100
+  model.lstm_size = 300
+  model.logit_bottleneck = 120
+  # Compute dtype, 'float32' or 'bfloat16'; parameters and optimizer state stay float32.
+  model.dtype = 'float32'
+
+  config.optimizer = opt = ml_collections.ConfigDict()
+  # 'adam' or 'adamw'.
+  opt.name = 'adam'
+  opt.learning_rate = 1e-3
+  # Linear warmup from 0, then cosine decay to learning_rate * end_learning_rate_factor.
+  opt.warmup_steps = 500
+  opt.end_learning_rate_factor = 0.01
+  # Used by adamw only.
+  opt.weight_decay = 1e-4
+  # Clip gradients to this global L2 norm; 0 disables clipping.
+  opt.grad_clip_norm = 1.0
+
+  config.eval = ev = ml_collections.ConfigDict()
+  # Global evaluation batch size (images).
+  ev.batch_size = 256
+  # Generated captions printed beside their references at each evaluation.
+  ev.num_printed_examples = 3
+  return config

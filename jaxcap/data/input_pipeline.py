@@ -1,0 +1,194 @@
+"""tf.data input pipeline: tfds caption datasets to padded numpy batches.
+
+Every dataset jaxcap reads has the features of tfds `coco_captions` (`image`, `image/id`,
+`image/filename`, `captions` = {`id`, `text`}). Captions are tokenized once per split into a
+table keyed by image id; the image stream looks its rows up, so tokenization never runs per step.
+Preprocessing steps are small pure functions from a feature dict to a feature dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jaxcap.data import shapes_captions
+from jaxcap.data import tokenizer as tokenizer_lib
+
+# TensorFlow only feeds the host; JAX owns the accelerators.
+tf.config.set_visible_devices([], 'GPU')
+
+Batch = dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The tfds builder named by `config.data.name`, prepared (generated or downloaded)."""
+  if data_config.name == 'shapes_captions':
+    builder = shapes_captions.builder_from_config(data_config.shapes, data_config.data_dir)
+  else:
+    builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
+  builder.download_and_prepare()
+  return builder
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitCaptions:
+  """The reference captions of one split, in the split's order."""
+  image_ids: np.ndarray  # (num_images,) int64
+  texts: tuple[tuple[str, ...], ...]
+
+  def all_texts(self) -> list[str]:
+    return [text for texts in self.texts for text in texts]
+
+
+def read_captions(builder: tfds.core.DatasetBuilder, split: str) -> SplitCaptions:
+  """Reads a split's captions without decoding its images."""
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda f: {'id': f['image/id'], 'text': f['captions']['text']},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  image_ids, texts = [], []
+  for features in ds.as_numpy_iterator():
+    image_ids.append(features['id'])
+    texts.append(tuple(t.decode('utf-8') for t in features['text']))
+  return SplitCaptions(np.asarray(image_ids, np.int64), tuple(texts))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenTable:
+  """Tokenized captions of a split: rows (num_images, max_captions, max_len), PAD-filled."""
+  image_ids: np.ndarray
+  tokens: np.ndarray
+  counts: np.ndarray  # captions per image
+
+  @classmethod
+  def build(cls, captions: SplitCaptions, tokenizer: tokenizer_lib.Tokenizer,
+            max_len: int) -> 'TokenTable':
+    max_captions = max((len(t) for t in captions.texts), default=1)
+    tokens = np.full((len(captions.texts), max_captions, max_len), tokenizer_lib.PAD_ID, np.int32)
+    rows = tokenizer.encode(captions.all_texts(), max_len)
+    counts = np.asarray([len(t) for t in captions.texts], np.int32)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for i, (start, count) in enumerate(zip(starts, counts)):
+      tokens[i, :count] = rows[start:start + count]
+    return cls(captions.image_ids, tokens, counts)
+
+  def lookup_fn(self):
+    """A tf function: features -> features plus `tokens` (C, L) and `num_captions`."""
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(self.image_ids, tf.int64), tf.range(len(self.image_ids), dtype=tf.int64)),
+        default_value=-1)
+    tokens, counts = tf.constant(self.tokens), tf.constant(self.counts)
+
+    def add_tokens(features):
+      row = table.lookup(features['image/id'])
+      tf.debugging.assert_non_negative(row, 'image id missing from the caption table')
+      return {**features, 'tokens': tf.gather(tokens, row), 'num_captions': tf.gather(counts, row)}
+
+    return add_tokens
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def scale_image(image: tf.Tensor) -> tf.Tensor:
+  """uint8 [0, 255] -> float32 [-1, 1], as keras.applications.inception_v3.preprocess_input."""
+  image = tf.cast(image, tf.float32)
+  return image / 127.5 - 1.0
+
+
+def resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Bilinear, antialiased resize to (size, size); images already that size pass unchanged."""
+  shape = tf.shape(image)
+  return tf.cond(
+      tf.logical_and(shape[0] == size, shape[1] == size),
+      lambda: tf.cast(image, tf.float32),
+      lambda: tf.image.resize(image, (size, size), antialias=True))
+
+
+def preprocess_image(image_size: int):
+  def fn(features):
+    image = resize_image(features['image'], image_size)
+    return {**features, 'image': scale_image(image)}
+  return fn
+
+
+def pick_caption(seed: int):
+  """Chooses one caption per (image, position in the stream): a new pick every epoch."""
+  def fn(index, features):
+    choice = tf.random.stateless_uniform(
+        [], seed=tf.stack([tf.constant(seed, tf.int64), index]),
+        maxval=tf.cast(features['num_captions'], tf.int32), dtype=tf.int32)
+    return {'image': features['image'], 'tokens': features['tokens'][choice]}
+  return fn
+
+
+def keep(*names: str):
+  return lambda features: {name: features[name] for name in names}
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def _process_split(split: str, process_index: int, process_count: int) -> str:
+  return tfds.even_splits(split, n=process_count)[process_index]
+
+
+def train_dataset(builder: tfds.core.DatasetBuilder, split: str, table: TokenTable,
+                  data_config: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """Endless shuffled batches {'image': (B, H, W, 3) f32, 'tokens': (B, L) i32} of this process.
+
+  `batch_size` is the per-process batch.
+  """
+  ds = builder.as_dataset(split=_process_split(split, process_index, process_count),
+                          shuffle_files=True,
+                          read_config=tfds.ReadConfig(shuffle_seed=seed))
+  ds = ds.map(keep('image', 'image/id'), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(table.lookup_fn(), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
+  if data_config.cache_images:
+    ds = ds.cache()
+  ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  ds = ds.repeat().enumerate()
+  ds = ds.map(pick_caption(seed), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(builder: tfds.core.DatasetBuilder, split: str, table: TokenTable,
+                 data_config: ml_collections.ConfigDict, *, batch_size: int,
+                 process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """One pass over this process's images in order, all captions of each image.
+
+  Batches hold 'image', 'tokens' (B, C, L), 'image/id' and 'mask' (1 for real images); the
+  last batch is padded to `batch_size` with mask 0 so every batch has one shape.
+  """
+  ds = builder.as_dataset(split=_process_split(split, process_index, process_count),
+                          shuffle_files=False)
+  ds = ds.map(keep('image', 'image/id'), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(table.lookup_fn(), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(lambda f: {**keep('image', 'image/id', 'tokens')(f), 'mask': tf.constant(1, tf.int32)})
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def pad_batch(batch: Batch, batch_size: int) -> Batch:
+  """Pads every array of a short final batch with zeros up to `batch_size` rows."""
+  missing = batch_size - len(batch['mask'])
+  if missing == 0:
+    return batch
+  return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+def eval_batches(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
+  for batch in ds.as_numpy_iterator():
+    yield pad_batch(batch, batch_size)

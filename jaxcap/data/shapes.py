@@ -1,0 +1,211 @@
+"""Procedural shape scenes with COCO-style captions: the offline built-in dataset.
+
+Pure numpy (no TensorFlow): a scene is a list of objects, each a (size, colour, shape) triple
+placed without overlap on a noisy, varied background. Every image gets five captions in varied
+phrasings that all name the same multiset of objects, so a caption can be parsed back into that
+multiset and a generated caption scored by `scene_accuracy`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+
+SHAPES = ('circle', 'square', 'triangle', 'diamond')
+COLOURS = {
+    'red': (215, 35, 35),
+    'green': (35, 165, 55),
+    'blue': (35, 75, 220),
+    'yellow': (235, 215, 35),
+    'purple': (145, 50, 185),
+    'orange': (245, 135, 20),
+}
+SIZES = ('small', 'large')
+MAX_OBJECTS = 4
+
+# Radius of an object as a fraction of the image side, per size.
+_RADIUS_FRACTION = {'small': 0.12, 'large': 0.2}
+# Words a caption may use for each size; the first is the canonical one.
+_SIZE_WORDS = {'small': ('small', 'little', 'tiny'), 'large': ('large', 'big')}
+_COUNT_WORDS = {1: ('a', 'one'), 2: ('two',), 3: ('three',), 4: ('four',)}
+_NUM_CAPTIONS = 5
+_COLOUR_JITTER = 18
+_NOISE_STD = 12.0
+_PLACEMENT_TRIES = 100
+# Smallest gap between two objects, as a fraction of the image side.
+_MARGIN_FRACTION = 0.03
+
+# Object = (size, colour, shape); Scene = sorted tuple of (count, size, colour, shape).
+Object = tuple[str, str, str]
+Scene = tuple[tuple[int, str, str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  image: np.ndarray  # (size, size, 3) uint8
+  objects: tuple[Object, ...]
+  captions: tuple[str, ...]
+
+
+def scene_of(objects: Iterable[Object]) -> Scene:
+  """The canonical multiset of (count, size, colour, shape) for a list of objects."""
+  counts = collections.Counter(objects)
+  return tuple(sorted((n, *obj) for obj, n in counts.items()))
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+  """A desaturated gradient with a random direction and tint, plus pixel noise."""
+  yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+  angle = rng.uniform(0, 2 * np.pi)
+  ramp = np.cos(angle) * xx + np.sin(angle) * yy
+  base = rng.uniform(70, 190)
+  contrast = rng.uniform(-50, 50)
+  tint = rng.uniform(-12, 12, size=3)
+  image = base + contrast * ramp[..., None] + tint
+  image = image + rng.normal(0, _NOISE_STD, size=(size, size, 3))
+  return image
+
+
+def _mask(shape: str, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarray:
+  if shape == 'circle':
+    return dx**2 + dy**2 <= radius**2
+  if shape == 'square':
+    return np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * radius
+  if shape == 'diamond':
+    return np.abs(dx) + np.abs(dy) <= 1.15 * radius
+  if shape == 'triangle':  # pointing up, apex at -radius, base at +0.75 radius
+    return (dy <= 0.75 * radius) & (np.abs(dx) <= (dy + radius) * 0.62)
+  raise ValueError(f'unknown shape {shape!r}')
+
+
+def _place(rng: np.random.Generator, radii: Sequence[float], size: int) -> list[tuple[float, float]]:
+  """Random non-overlapping centres, by rejection sampling with restarts."""
+  margin = _MARGIN_FRACTION * size
+  for _ in range(_PLACEMENT_TRIES):
+    centres: list[tuple[float, float]] = []
+    for radius in radii:
+      for _ in range(_PLACEMENT_TRIES):
+        cy, cx = rng.uniform(radius + 1, size - radius - 1, size=2)
+        if all((cy - y)**2 + (cx - x)**2 > (radius + r + margin)**2
+               for (y, x), r in zip(centres, radii)):
+          centres.append((cy, cx))
+          break
+      else:
+        break  # This object does not fit next to the ones placed: start over.
+    if len(centres) == len(radii):
+      return centres
+  raise ValueError(f'cannot place {len(radii)} objects without overlap in {size}px')
+
+
+def render(objects: Sequence[Object], size: int, rng: np.random.Generator) -> np.ndarray:
+  """Draws the objects on a fresh background; returns a (size, size, 3) uint8 image."""
+  image = _background(rng, size)
+  radii = [_RADIUS_FRACTION[obj_size] * size for obj_size, _, _ in objects]
+  centres = _place(rng, radii, size)
+  yy, xx = np.mgrid[0:size, 0:size] + 0.5
+  for i, (cy, cx) in enumerate(centres):
+    _, colour, shape = objects[i]
+    mask = _mask(shape, yy - cy, xx - cx, radii[i])
+    rgb = np.array(COLOURS[colour], float) + rng.uniform(-_COLOUR_JITTER, _COLOUR_JITTER, 3)
+    image[mask] = rgb + rng.normal(0, _NOISE_STD / 2, size=(mask.sum(), 3))
+  return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def _group_phrase(count: int, size: str, colour: str, shape: str, rng: np.random.Generator) -> str:
+  count_word = rng.choice(_COUNT_WORDS[count])
+  size_word = rng.choice(_SIZE_WORDS[size])
+  noun = shape if count == 1 else shape + 's'
+  return f'{count_word} {size_word} {colour} {noun}'
+
+
+def _join(phrases: Sequence[str]) -> str:
+  if len(phrases) == 1:
+    return phrases[0]
+  return ', '.join(phrases[:-1]) + ' and ' + phrases[-1]
+
+
+_TEMPLATES = (
+    lambda p, one: _join(p),
+    lambda p, one: f"there {'is' if one else 'are'} {_join(p)}",
+    lambda p, one: f'a picture of {_join(p)}',
+    lambda p, one: f'{_join(p)} on a noisy background',
+    lambda p, one: f'an image with {_join(p)}',
+    lambda p, one: (f'{p[-1]} next to {_join(p[:-1])}' if len(p) > 1 else f'{p[0]} on its own'),
+)
+
+
+def captions_for(objects: Sequence[Object], rng: np.random.Generator,
+                 num_captions: int = _NUM_CAPTIONS) -> tuple[str, ...]:
+  """Five differently phrased captions naming exactly `objects`."""
+  groups = scene_of(objects)
+  templates = rng.choice(len(_TEMPLATES), size=num_captions, replace=False)
+  captions = []
+  for template in templates:
+    order = rng.permutation(len(groups))
+    phrases = [_group_phrase(*groups[i], rng) for i in order]
+    captions.append(_TEMPLATES[template](phrases, groups[order[0]][0] == 1))
+  return tuple(captions)
+
+
+_SIZE_OF_WORD = {word: size for size, words in _SIZE_WORDS.items() for word in words}
+_COUNT_OF_WORD = {word: n for n, words in _COUNT_WORDS.items() for word in words} | {'an': 1}
+_GROUP_PATTERN = re.compile(
+    r'\b(' + '|'.join(_COUNT_OF_WORD) + r')\s+(' + '|'.join(_SIZE_OF_WORD) + r')\s+(' +
+    '|'.join(COLOURS) + r')\s+(' + '|'.join(SHAPES) + r')(s?)\b')
+
+
+def parse_caption(caption: str) -> Scene:
+  """The multiset of objects a caption names (count, size, colour, shape), sorted.
+
+  Phrases that do not read as "<count> <size> <colour> <shape>" are ignored, so a caption
+  with a malformed or missing object phrase parses to a different scene and scores zero.
+  """
+  counts: collections.Counter = collections.Counter()
+  for count, size, colour, shape, _ in _GROUP_PATTERN.findall(caption.lower()):
+    counts[(_SIZE_OF_WORD[size], colour, shape)] += _COUNT_OF_WORD[count]
+  return tuple(sorted((n, *obj) for obj, n in counts.items()))
+
+
+def scene_accuracy(generated: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+  """Fraction of images whose generated caption names exactly the objects of the scene.
+
+  The true scene is parsed from the first reference caption: all references of an image
+  name the same objects by construction.
+  """
+  if len(generated) != len(references):
+    raise ValueError(f'{len(generated)} generated captions for {len(references)} images')
+  if not generated:
+    return 0.0
+  hits = [parse_caption(g) == parse_caption(refs[0]) for g, refs in zip(generated, references)]
+  return float(np.mean(hits))
+
+
+# --------------------------------------------------------------------------- scenes
+
+
+def sample_objects(rng: np.random.Generator, min_objects: int, max_objects: int) -> tuple[Object, ...]:
+  num_objects = int(rng.integers(min_objects, max_objects + 1))
+  return tuple((str(rng.choice(SIZES)), str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+               for _ in range(num_objects))
+
+
+def make_example(seed: int, split_index: int, index: int, *, image_size: int,
+                 min_objects: int, max_objects: int) -> Example:
+  """One deterministic example: the same arguments always give the same image and captions."""
+  if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
+    raise ValueError(f'need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, '
+                     f'got {min_objects}, {max_objects}')
+  rng = np.random.default_rng([seed, split_index, index])
+  objects = sample_objects(rng, min_objects, max_objects)
+  image = render(objects, image_size, rng)
+  return Example(image=image, objects=objects, captions=captions_for(objects, rng))

@@ -1,0 +1,99 @@
+"""Evaluation: validation loss, greedy captions and COCO caption metrics.
+
+Metrics are pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L and CIDEr over all references, after its
+PTB tokenizer (both it and METEOR run `java`). SPICE is left out: it needs a download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from typing import Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from jaxcap.data import tokenizer as tokenizer_lib
+
+_METRIC_KEYS = ('bleu_1', 'bleu_2', 'bleu_3', 'bleu_4', 'meteor', 'rouge_l', 'cider')
+
+
+def check_java() -> None:
+  """pycocoevalcap's PTB tokenizer and METEOR run `java`: fail before training, not after."""
+  if shutil.which('java') is None:
+    raise RuntimeError('The COCO caption metrics (pycocoevalcap) need `java` on the PATH; '
+                       'install a Java runtime, e.g. `apt-get install default-jre-headless`.')
+
+
+def coco_metrics(references: Mapping[int, Sequence[str]],
+                 generated: Mapping[int, str]) -> dict[str, float]:
+  """BLEU-1..4, METEOR, ROUGE-L, CIDEr of generated captions against all references."""
+  from pycocoevalcap.bleu.bleu import Bleu
+  from pycocoevalcap.cider.cider import Cider
+  from pycocoevalcap.meteor.meteor import Meteor
+  from pycocoevalcap.rouge.rouge import Rouge
+  from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+  check_java()
+  if set(references) != set(generated):
+    raise ValueError(f'{len(generated)} generated captions for {len(references)} images, '
+                     'or their image ids differ')
+  ptb = PTBTokenizer()
+  gts = ptb.tokenize({i: [{'caption': c} for c in refs] for i, refs in references.items()})
+  res = ptb.tokenize({i: [{'caption': c}] for i, c in generated.items()})
+  # METEOR's java process expects a non-empty hypothesis.
+  res = {i: [c[0] if c[0] else '.'] for i, c in res.items()}
+  bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+  scores = dict(zip(_METRIC_KEYS[:4], bleu))
+  scores['meteor'], _ = Meteor().compute_score(gts, res)
+  scores['rouge_l'], _ = Rouge().compute_score(gts, res)
+  scores['cider'], _ = Cider().compute_score(gts, res)
+  return {k: float(v) for k, v in scores.items()}
+
+
+@dataclasses.dataclass
+class SplitResult:
+  metrics: dict[str, float]
+  generated: dict[int, str]
+
+
+def evaluate_split(
+    batches: Iterable[dict[str, np.ndarray]],
+    eval_fn: Callable[[dict[str, np.ndarray]], tuple[dict[str, jax.Array], jax.Array]],
+    tokenizer: tokenizer_lib.Tokenizer,
+    references: Mapping[int, Sequence[str]],
+    scene_accuracy_fn: Callable[[Sequence[str], Sequence[Sequence[str]]], float] | None = None,
+) -> SplitResult:
+  """Runs `eval_fn` (loss sums and greedy ids of a batch) over a split and scores it."""
+  start = time.perf_counter()
+  totals = {'loss_sum': 0.0, 'correct': 0.0, 'num_tokens': 0.0}
+  generated: dict[int, str] = {}
+  for batch in batches:
+    sums, tokens = eval_fn(batch)
+    sums, tokens = jax.device_get((sums, tokens))
+    for key in totals:
+      totals[key] += float(sums[key])
+    real = batch['mask'] > 0
+    texts = tokenizer.decode(np.asarray(tokens)[real])
+    generated.update(zip(batch['image/id'][real].tolist(), texts))
+  elapsed = time.perf_counter() - start
+  num_tokens = max(totals['num_tokens'], 1.0)
+  metrics = {'loss': totals['loss_sum'] / num_tokens,
+             'token_accuracy': totals['correct'] / num_tokens,
+             'num_images': len(generated),
+             'captions_per_sec': len(generated) / max(elapsed, 1e-9)}
+  refs = {i: references[i] for i in generated}
+  metrics.update(coco_metrics(refs, generated))
+  if scene_accuracy_fn is not None:
+    ids = sorted(generated)
+    metrics['scene_accuracy'] = scene_accuracy_fn([generated[i] for i in ids],
+                                                  [refs[i] for i in ids])
+  return SplitResult(metrics, generated)
+
+
+def log_examples(result: SplitResult, references: Mapping[int, Sequence[str]], count: int) -> None:
+  for image_id in sorted(result.generated)[:count]:
+    logging.info('  image %d\n    generated: %s\n    reference: %s', image_id,
+                 result.generated[image_id], references[image_id][0])

@@ -1,0 +1,53 @@
+"""Captioner = image encoder (chosen by name) + Show-and-Tell decoder."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxcap.models import decoder as decoder_lib
+from jaxcap.models import encoders
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class Captioner(nn.Module):
+  encoder: nn.Module
+  decoder: decoder_lib.Decoder
+  # False freezes the encoder: no gradient reaches it and batch norm uses its moving statistics.
+  train_encoder: bool = True
+
+  def encode(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    """(B, H, W, 3) images in [-1, 1] -> (B, D) float32 image embeddings."""
+    embedding = self.encoder(images, train=train and self.train_encoder)
+    return embedding if self.train_encoder else jax.lax.stop_gradient(embedding)
+
+  def __call__(self, images: jnp.ndarray, input_tokens: jnp.ndarray,
+               train: bool = False) -> jnp.ndarray:
+    """Teacher-forced logits (B, T, vocab) for input ids (B, T)."""
+    return self.decoder(self.encode(images, train), input_tokens)
+
+  def caption_logits(self, image_embedding: jnp.ndarray, input_tokens: jnp.ndarray) -> jnp.ndarray:
+    """Teacher-forced logits from precomputed embeddings (evaluation, cached features)."""
+    return self.decoder(image_embedding, input_tokens)
+
+  def initial_state(self, image_embedding: jnp.ndarray) -> decoder_lib.Carry:
+    return self.decoder.initial_state(image_embedding)
+
+  def decode_step(self, carry: decoder_lib.Carry, tokens: jnp.ndarray):
+    return self.decoder.step(carry, tokens)
+
+
+def create_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Captioner:
+  """The captioner described by `config.model`, for a tokenizer of `vocab_size` ids."""
+  if model_config.dtype not in _DTYPES:
+    raise ValueError(f'config.model.dtype={model_config.dtype!r} is not one of {sorted(_DTYPES)}')
+  dtype = _DTYPES[model_config.dtype]
+  decoder = decoder_lib.Decoder(
+      vocab_size=vocab_size, embed_dim=model_config.embed_dim, lstm_size=model_config.lstm_size,
+      image_bottleneck=model_config.image_bottleneck,
+      logit_bottleneck=model_config.logit_bottleneck, dtype=dtype)
+  return Captioner(encoder=encoders.create_encoder(model_config, dtype), decoder=decoder,
+                   train_encoder=model_config.train_encoder)

@@ -1,0 +1,72 @@
+"""Image encoders by name: images (N, H, W, 3) in [-1, 1] -> pooled embedding (N, D).
+
+Each encoder also sows its last spatial map as `intermediates/spatial_map`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from jaxcap.models import inception_v3
+
+
+class SmallCNN(nn.Module):
+  """Blocks of 3x3 conv -> batch norm -> ReLU -> 2x2 max pool, then global average pool.
+
+  For the CPU demo and fast tests: a few hundred steps teach it colour, shape, size and count.
+  """
+  features: Sequence[int] = (32, 64, 128, 256)
+  bn_momentum: float = 0.9
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = images.astype(self.dtype)
+    for i, features in enumerate(self.features):
+      x = nn.Conv(features, (3, 3), use_bias=False, dtype=self.dtype, name=f'conv{i}')(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                       dtype=self.dtype, name=f'bn{i}')(x)
+      x = nn.relu(x)
+      if i < len(self.features) - 1:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    self.sow('intermediates', 'spatial_map', x)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+class ZeroEncoder(nn.Module):
+  """Ignores the image: a (N, 1) zero embedding. The blind baseline of the demo."""
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    del train
+    zeros = jnp.zeros((images.shape[0], 1, 1, 1), jnp.float32)
+    self.sow('intermediates', 'spatial_map', zeros)
+    return zeros[:, 0, 0]
+
+
+def _small_cnn(config: ml_collections.ConfigDict, dtype) -> nn.Module:
+  return SmallCNN(features=tuple(config.small_cnn.features), bn_momentum=config.bn_momentum,
+                  dtype=dtype)
+
+
+def _inception_v3(config: ml_collections.ConfigDict, dtype) -> nn.Module:
+  return inception_v3.InceptionV3(include_top=False, bn_momentum=config.bn_momentum, dtype=dtype)
+
+
+# Name in `config.model.encoder` -> constructor from the model config and compute dtype.
+ENCODERS: dict[str, Callable[[ml_collections.ConfigDict, Any], nn.Module]] = {
+    'small_cnn': _small_cnn,
+    'inception_v3': _inception_v3,
+    'zeros': lambda config, dtype: ZeroEncoder(),
+}
+
+
+def create_encoder(model_config: ml_collections.ConfigDict, dtype=jnp.float32) -> nn.Module:
+  if model_config.encoder not in ENCODERS:
+    raise ValueError(f'config.model.encoder={model_config.encoder!r} is not one of '
+                     f'{sorted(ENCODERS)}')
+  return ENCODERS[model_config.encoder](model_config, dtype)

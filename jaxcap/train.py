@@ -1,0 +1,188 @@
+"""The training loop: data, model and state set up, then steps, logs, evaluations, checkpoints.
+
+`train_and_evaluate(config, workdir)` is what `scripts/train.py` and the tests call. Running it
+again on the same workdir resumes from the latest checkpoint with the saved tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers
+
+from jaxcap import checkpoint
+from jaxcap import decode
+from jaxcap import evaluate
+from jaxcap import parallel
+from jaxcap import train_step as train_step_lib
+from jaxcap.data import input_pipeline
+from jaxcap.data import shapes
+from jaxcap.data import tokenizer as tokenizer_lib
+from jaxcap.models import captioner
+
+METRICS_FILENAME = 'metrics.jsonl'
+
+
+def _format_duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
+
+
+def _append_jsonl(path: str, record: dict[str, Any]) -> None:
+  with open(path, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+def _write_results_file(path: str, generated: dict[int, str]) -> None:
+  """Captions in the COCO results format: [{"image_id": ..., "caption": ...}]."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump([{'image_id': i, 'caption': c} for i, c in sorted(generated.items())], f)
+
+
+def make_eval_fn(state_sharding, mesh, max_len: int):
+  """Jitted (state, batch) -> (loss sums, greedy ids), batch sharded along 'data'."""
+  def eval_fn(state, batch):
+    sums = train_step_lib.eval_step(state, batch)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    tokens = decode.greedy_decode(state.apply_fn, variables, batch['image'], max_len)
+    return sums, tokens
+  return jax.jit(eval_fn,
+                 in_shardings=(state_sharding, parallel.data_sharding(mesh)),
+                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+  """Trains to `config.num_train_steps` and returns the final metrics of each eval split."""
+  evaluate.check_java()
+  os.makedirs(workdir, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  mesh = parallel.make_mesh()
+  batch_size = parallel.check_batch_size(config.batch_size, mesh)
+  eval_batch_size = parallel.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
+  data = config.data
+
+  # Data and tokenizer.
+  builder = input_pipeline.get_builder(data)
+  train_captions = input_pipeline.read_captions(builder, data.train_split)
+  tokenizer = tokenizer_lib.load_or_train(
+      workdir, train_captions.all_texts, data.vocab_size, data.tokenizer_type)
+  logging.info('Tokenizer: %d ids (%s)', tokenizer.vocab_size,
+               os.path.join(workdir, tokenizer_lib.MODEL_FILENAME))
+  train_table = input_pipeline.TokenTable.build(train_captions, tokenizer, data.max_len)
+
+  # Model and state, replicated over the mesh.
+  model = captioner.create_model(config.model, tokenizer.vocab_size)
+  state_sharding = parallel.replicated(mesh)
+  init_fn = jax.jit(functools.partial(train_step_lib.create_train_state, config, model),
+                    out_shardings=state_sharding)
+  state = init_fn(jax.random.key(config.seed))
+  manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
+  state = checkpoint.restore_latest(manager, state)
+  start_step = int(state.step)
+  if start_step:
+    logging.info('Resumed from the checkpoint of step %d in %s', start_step, workdir)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('Model: %s encoder, %.2fM parameters', config.model.encoder, num_params / 1e6)
+
+  # The input order depends on the seed and the step training starts from.
+  train_seed = config.seed * 1_000_003 + start_step
+  train_iter = input_pipeline.train_dataset(
+      builder, data.train_split, train_table, data, batch_size=batch_size, seed=train_seed,
+      process_index=jax.process_index(), process_count=jax.process_count()).as_numpy_iterator()
+
+  p_train_step = jax.jit(train_step_lib.train_step,
+                         in_shardings=(state_sharding, parallel.data_sharding(mesh)),
+                         out_shardings=(state_sharding, parallel.replicated(mesh)),
+                         donate_argnums=0)
+  p_eval = make_eval_fn(state_sharding, mesh, data.max_len)
+  eval_data = {}
+
+  def run_evaluation(step: int, splits) -> dict[str, dict[str, float]]:
+    results = {}
+    for split in splits:
+      if split not in eval_data:
+        captions = input_pipeline.read_captions(builder, split)
+        references = dict(zip(captions.image_ids.tolist(), captions.texts))
+        table = input_pipeline.TokenTable.build(captions, tokenizer, data.max_len)
+        eval_data[split] = (references, table)
+      references, table = eval_data[split]
+      ds = input_pipeline.eval_dataset(
+          builder, split, table, data, batch_size=eval_batch_size // jax.process_count(),
+          process_index=jax.process_index(), process_count=jax.process_count())
+      batches = input_pipeline.eval_batches(ds, eval_batch_size // jax.process_count())
+      result = evaluate.evaluate_split(
+          batches, lambda b: p_eval(state, parallel.shard_batch(b, mesh)), tokenizer, references,
+          shapes.scene_accuracy if data.name == 'shapes_captions' else None)
+      metrics = result.metrics
+      logging.info('Eval %s at step %d: %s', split, step,
+                   ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
+      evaluate.log_examples(result, references, config.eval.num_printed_examples)
+      if is_chief:
+        _write_results_file(os.path.join(workdir, 'captions', f'{split}_step{step}.json'),
+                            result.generated)
+        _append_jsonl(os.path.join(workdir, METRICS_FILENAME), {'step': step, 'split': split, **metrics})
+        writer.write_scalars(step, {f'{split}/{k}': v for k, v in metrics.items()})
+      results[split] = metrics
+    return results
+
+  logging.info('Training steps %d to %d, global batch %d on %d devices', start_step + 1,
+               config.num_train_steps, config.batch_size, mesh.size)
+  pending_metrics = []
+  interval_start, interval_first_step = time.perf_counter(), start_step
+  results: dict[str, dict[str, float]] = {}
+  schedule = train_step_lib.learning_rate_schedule(config)
+  for step in range(start_step + 1, config.num_train_steps + 1):
+    batch = parallel.shard_batch(next(train_iter), mesh)
+    state, metrics = p_train_step(state, batch)
+    pending_metrics.append(metrics)
+    is_last = step == config.num_train_steps
+
+    if step % config.log_every_steps == 0 or is_last:
+      fetched = jax.device_get(pending_metrics)
+      pending_metrics = []
+      elapsed = time.perf_counter() - interval_start
+      steps_per_sec = (step - interval_first_step) / elapsed
+      weights = np.array([m['num_tokens'] for m in fetched])
+      summary = {
+          'train_loss': float(np.average([m['loss'] for m in fetched], weights=weights)),
+          'train_token_accuracy': float(np.average([m['token_accuracy'] for m in fetched],
+                                                   weights=weights)),
+          'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
+          'learning_rate': float(schedule(step - 1)),
+          'steps_per_sec': steps_per_sec,
+          'examples_per_sec': steps_per_sec * config.batch_size,
+      }
+      writer.write_scalars(step, summary)
+      eta = (config.num_train_steps - step) / max(steps_per_sec, 1e-9)
+      logging.info('step %d/%d | loss %.4f | token acc %.3f | %.2f steps/s | %.0f examples/s | '
+                   'ETA %s', step, config.num_train_steps, summary['train_loss'],
+                   summary['train_token_accuracy'], steps_per_sec, summary['examples_per_sec'],
+                   _format_duration(eta))
+      interval_start, interval_first_step = time.perf_counter(), step
+
+    if step % config.checkpoint_every_steps == 0 or is_last:
+      checkpoint.save(manager, state, force=is_last)
+
+    if is_last:
+      results = run_evaluation(step, data.eval_splits)
+    elif step % config.eval_every_steps == 0:
+      run_evaluation(step, data.eval_splits[:1])
+    if step % config.eval_every_steps == 0 or is_last:
+      interval_start, interval_first_step = time.perf_counter(), step
+
+  manager.wait_until_finished()
+  writer.flush()
+  if start_step >= config.num_train_steps:
+    logging.info('Nothing to train: the checkpoint in %s is at step %d', workdir, start_step)
+  return results

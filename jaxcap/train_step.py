@@ -1,0 +1,114 @@
+"""Train state, optimizer, loss, and the pure per-step functions.
+
+Nothing here imports TensorFlow: benchmarks and accelerator-only machines use these functions
+directly. The training loop around them lives in `jaxcap.train`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+
+from jaxcap.data.tokenizer import PAD_ID
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  opt = config.optimizer
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
+      decay_steps=max(config.num_train_steps, opt.warmup_steps + 1),
+      end_value=opt.learning_rate * opt.end_learning_rate_factor)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam or AdamW on a warmup + cosine schedule, with global-norm clipping.
+
+  A frozen encoder (`config.model.train_encoder=False`) gets no updates at all, so AdamW's
+  weight decay cannot move pretrained weights either.
+  """
+  opt = config.optimizer
+  schedule = learning_rate_schedule(config)
+  if opt.name == 'adam':
+    tx = optax.adam(schedule)
+  elif opt.name == 'adamw':
+    tx = optax.adamw(schedule, weight_decay=opt.weight_decay)
+  else:
+    raise ValueError(f"config.optimizer.name={opt.name!r} is not 'adam' or 'adamw'")
+  if opt.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  if not config.model.train_encoder:
+    def labels(params):
+      return {name: jax.tree.map(lambda _: 'frozen' if name == 'encoder' else 'trained', tree)
+              for name, tree in params.items()}
+    tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+  return tx
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                       rng: jax.Array) -> TrainState:
+  """Randomly initialised state; call under jit to build it directly on the devices."""
+  size = config.data.image_size
+  images = jnp.zeros((1, size, size, 3), jnp.float32)
+  tokens = jnp.zeros((1, config.data.max_len - 1), jnp.int32)
+  variables = model.init({'params': rng}, images, tokens, train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables.get('batch_stats', {}),
+                           tx=make_optimizer(config))
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array,
+                         weights: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Sums of token cross-entropy and of correct argmaxes over weighted tokens, and the weight."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets)
+  weights = weights.astype(jnp.float32)
+  return (jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights))
+
+
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  """One teacher-forced step on {'image': (B, H, W, 3), 'tokens': (B, L)}; loss masks PAD."""
+  inputs, targets = batch['tokens'][:, :-1], batch['tokens'][:, 1:]
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    logits, updates = state.apply_fn(variables, batch['image'], inputs, train=True,
+                                     mutable=['batch_stats'])
+    loss_sum, correct, num_tokens = masked_cross_entropy(logits, targets, targets != PAD_ID)
+    num_tokens = jnp.maximum(num_tokens, 1.0)
+    return loss_sum / num_tokens, (updates, correct / num_tokens, num_tokens)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (updates, accuracy, num_tokens)), grads = grad_fn(state.params)
+  new_state = state.apply_gradients(grads=grads,
+                                    batch_stats=updates.get('batch_stats', state.batch_stats))
+  metrics = {'loss': loss, 'token_accuracy': accuracy, 'num_tokens': num_tokens,
+             'grad_norm': optax.global_norm(grads)}
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch) -> Metrics:
+  """Loss sums over every caption of every image: 'tokens' is (B, C, L), 'mask' (B,)."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  embedding = state.apply_fn(variables, batch['image'], method='encode')
+  num_images, num_captions, max_len = batch['tokens'].shape
+  tokens = batch['tokens'].reshape(num_images * num_captions, max_len)
+  embedding = jnp.repeat(embedding, num_captions, axis=0)
+  logits = state.apply_fn(variables, embedding, tokens[:, :-1], method='caption_logits')
+  targets = tokens[:, 1:]
+  image_mask = jnp.repeat(batch['mask'], num_captions)[:, None]
+  loss_sum, correct, num_tokens = masked_cross_entropy(
+      logits, targets, (targets != PAD_ID) & (image_mask > 0))
+  return {'loss_sum': loss_sum, 'correct': correct, 'num_tokens': num_tokens}

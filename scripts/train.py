@@ -1,0 +1,44 @@
+"""Trains a captioner and evaluates it; resumes from WORKDIR's latest checkpoint.
+
+  python scripts/train.py --config configs/demo.py --workdir workdirs/demo
+  python scripts/train.py --config configs/default.py --workdir DIR --config.batch_size=64
+"""
+
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
+from jaxcap import train  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, tokenizer, metrics and logs.')
+flags.mark_flag_as_required('workdir')
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.mark_flag_as_required('config')
+
+
+# Libraries whose INFO lines (checkpoint internals, dataset reads, duplicate scalars) are hidden.
+_QUIET_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/clu/')
+
+
+class _QuietLibraries(logging.logging.Filter):
+
+  def filter(self, record):
+    return (record.levelno >= logging.WARNING or
+            not any(name in record.pathname for name in _QUIET_LIBRARIES))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny built-in dataset and a tiny model config, on 8 forced CPU devices."""
+
+import os
+
+# Before JAX initialises: 8 CPU devices so sharded code runs as on a multi-device host.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # noqa: E402
+
+from configs import default  # noqa: E402
+
+
+def tiny_config(data_dir: str):
+  """The default config shrunk so a few steps, an evaluation and a resume take seconds."""
+  config = default.get_config()
+  config.batch_size = 16
+  config.num_train_steps = 4
+  config.log_every_steps = 2
+  config.eval_every_steps = 100
+  config.checkpoint_every_steps = 2
+  config.keep_checkpoints = 2
+  config.data.data_dir = data_dir
+  config.data.image_size = 32
+  config.data.max_len = 24
+  config.data.vocab_size = 128
+  config.data.shuffle_buffer = 64
+  shapes = config.data.shapes
+  shapes.image_size, shapes.max_objects = 32, 2
+  shapes.train_size, shapes.val_size, shapes.test_size = 64, 12, 12
+  model = config.model
+  model.small_cnn.features = (8, 16)
+  model.image_bottleneck, model.embed_dim, model.lstm_size, model.logit_bottleneck = 16, 16, 32, 16
+  config.optimizer.warmup_steps = 1
+  config.eval.batch_size = 8
+  config.eval.num_printed_examples = 1
+  return config
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture
+def config(data_dir):
+  return tiny_config(data_dir)

@@ -1,0 +1,98 @@
+"""tf.data pipeline on the tiny built-in dataset: shapes, dtypes, scaling, padding, masks."""
+
+import numpy as np
+import pytest
+
+from jaxcap.data import input_pipeline
+from jaxcap.data import tokenizer as tokenizer_lib
+
+
+@pytest.fixture
+def prepared(config):
+  builder = input_pipeline.get_builder(config.data)
+  captions = input_pipeline.read_captions(builder, 'train')
+  tokenizer = tokenizer_lib.train(captions.all_texts(), config.data.vocab_size)
+  return builder, captions, tokenizer
+
+
+def test_read_captions(config, prepared):
+  _, captions, _ = prepared
+  assert len(captions.image_ids) == config.data.shapes.train_size
+  assert len(set(captions.image_ids.tolist())) == len(captions.image_ids)
+  assert all(len(texts) == 5 for texts in captions.texts)
+
+
+def test_token_table_pads_missing_captions(prepared):
+  _, captions, tokenizer = prepared
+  uneven = input_pipeline.SplitCaptions(captions.image_ids[:2], (captions.texts[0][:2], captions.texts[1]))
+  table = input_pipeline.TokenTable.build(uneven, tokenizer, max_len=24)
+  assert table.tokens.shape == (2, 5, 24)
+  assert table.counts.tolist() == [2, 5]
+  assert (table.tokens[0, 2:] == tokenizer_lib.PAD_ID).all()
+  assert tokenizer.decode(table.tokens[0, :2]) == list(captions.texts[0][:2])
+
+
+def test_train_batches(config, prepared):
+  builder, captions, tokenizer = prepared
+  table = input_pipeline.TokenTable.build(captions, tokenizer, config.data.max_len)
+  ds = input_pipeline.train_dataset(builder, 'train', table, config.data, batch_size=8, seed=0)
+  batches = list(ds.take(20).as_numpy_iterator())  # 160 rows: more than two epochs of 64.
+  batch = batches[0]
+  assert set(batch) == {'image', 'tokens'}
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['tokens'].shape == (8, 24) and batch['tokens'].dtype == np.int32
+  assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
+  tokens = np.concatenate([b['tokens'] for b in batches])
+  assert (tokens[:, 0] == tokenizer_lib.BOS_ID).all()
+  lengths = (tokens != tokenizer_lib.PAD_ID).sum(1)
+  assert (tokens[np.arange(len(tokens)), lengths - 1] == tokenizer_lib.EOS_ID).all()
+  assert all((row[n:] == tokenizer_lib.PAD_ID).all() for row, n in zip(tokens, lengths))
+  # Every token row is one of the image's reference captions.
+  texts = set(captions.all_texts())
+  assert set(tokenizer.decode(tokens)) <= texts
+  # Captions are re-picked each epoch: over 2.5 epochs more distinct captions than images.
+  assert len(set(tokenizer.decode(tokens))) > config.data.shapes.train_size
+  again = list(input_pipeline.train_dataset(builder, 'train', table, config.data, batch_size=8,
+                                            seed=0).take(20).as_numpy_iterator())
+  np.testing.assert_array_equal(tokens, np.concatenate([b['tokens'] for b in again]))
+
+
+def test_image_scaling_matches_keras_preprocess_input():
+  pixels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+  scaled = input_pipeline.scale_image(pixels).numpy()
+  expected = pixels.astype(np.float32) / 127.5 - 1.0  # keras inception_v3.preprocess_input
+  np.testing.assert_array_equal(scaled, expected)
+  assert scaled.min() == -1.0 and scaled.max() == 1.0
+
+
+def test_resize_to_configured_size():
+  image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+  assert input_pipeline.resize_image(image, 32).shape == (32, 32, 3)
+  np.testing.assert_array_equal(input_pipeline.resize_image(image[:32, :32], 32), image[:32, :32])
+
+
+def test_eval_batches_are_padded_with_mask(config, prepared):
+  builder, _, tokenizer = prepared
+  captions = input_pipeline.read_captions(builder, 'val')
+  table = input_pipeline.TokenTable.build(captions, tokenizer, config.data.max_len)
+  ds = input_pipeline.eval_dataset(builder, 'val', table, config.data, batch_size=8)
+  batches = list(input_pipeline.eval_batches(ds, 8))
+  assert len(batches) == 2  # 12 images.
+  assert all(b['image'].shape == (8, 32, 32, 3) and b['tokens'].shape == (8, 5, 24) for b in batches)
+  assert np.concatenate([b['mask'] for b in batches]).tolist() == [1] * 12 + [0] * 4
+  ids = np.concatenate([b['image/id'] for b in batches])[:12]
+  np.testing.assert_array_equal(ids, captions.image_ids)
+  assert tokenizer.decode(batches[0]['tokens'][0]) == list(captions.texts[0])
+
+
+def test_process_shards_are_disjoint_and_cover_the_split(config, prepared):
+  builder, _, tokenizer = prepared
+  captions = input_pipeline.read_captions(builder, 'val')
+  table = input_pipeline.TokenTable.build(captions, tokenizer, config.data.max_len)
+  ids = []
+  for process in range(2):
+    ds = input_pipeline.eval_dataset(builder, 'val', table, config.data, batch_size=4,
+                                     process_index=process, process_count=2)
+    ids.append([i for b in input_pipeline.eval_batches(ds, 4) for i, m in zip(b['image/id'], b['mask']) if m])
+  assert not set(ids[0]) & set(ids[1])
+  assert sorted(ids[0] + ids[1]) == sorted(captions.image_ids.tolist())

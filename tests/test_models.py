@@ -1,0 +1,68 @@
+"""Model shapes: encoders from the registry, decoder, captioner."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxcap.models import captioner
+from jaxcap.models import encoders
+from jaxcap.models import inception_v3
+
+
+def test_captioner_output_shapes(config):
+  model = captioner.create_model(config.model, vocab_size=50)
+  images = jnp.zeros((3, 32, 32, 3))
+  tokens = jnp.zeros((3, 23), jnp.int32)
+  variables = model.init(jax.random.key(0), images, tokens)
+  assert set(variables) == {'params', 'batch_stats'}
+  logits = model.apply(variables, images, tokens)
+  assert logits.shape == (3, 23, 50) and logits.dtype == jnp.float32
+  embedding = model.apply(variables, images, method='encode')
+  assert embedding.shape == (3, 16)
+  carry = model.apply(variables, embedding, method='initial_state')
+  assert [c.shape for c in carry] == [(3, 32), (3, 32)]
+  carry, step_logits = model.apply(variables, carry, tokens[:, 0], method='decode_step')
+  assert step_logits.shape == (3, 50)
+  # The step-by-step decoder equals teacher forcing.
+  assert jnp.allclose(step_logits, logits[:, 0], atol=1e-5)
+
+
+def test_small_cnn_exposes_spatial_map(config):
+  encoder = encoders.create_encoder(config.model)
+  images = jnp.zeros((2, 32, 32, 3))
+  variables = encoder.init(jax.random.key(0), images)
+  pooled, state = encoder.apply(variables, images, mutable=['intermediates'])
+  spatial, = state['intermediates']['spatial_map']
+  assert pooled.shape == (2, 16) and spatial.shape == (2, 16, 16, 16)
+
+
+def test_unknown_encoder_is_named(config):
+  config.model.encoder = 'resnet'
+  with pytest.raises(ValueError, match="config.model.encoder='resnet'"):
+    encoders.create_encoder(config.model)
+
+
+def test_frozen_encoder_gets_no_gradient(config):
+  config.model.train_encoder = False
+  model = captioner.create_model(config.model, vocab_size=50)
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  tokens = jnp.ones((2, 5), jnp.int32)
+  variables = model.init(jax.random.key(0), images, tokens)
+  grads = jax.grad(lambda p: model.apply({**variables, 'params': p}, images, tokens, train=True).sum())(
+      variables['params'])
+  assert all((g == 0).all() for g in jax.tree.leaves(grads['encoder']))
+  assert any((g != 0).any() for g in jax.tree.leaves(grads['decoder']))
+
+
+@pytest.mark.slow
+def test_inception_v3_shapes():
+  model = inception_v3.InceptionV3()
+  images = jnp.zeros((1, 75, 75, 3))
+  variables = jax.jit(model.init)(jax.random.key(0), images)
+  assert set(variables) == {'params', 'batch_stats'}
+  assert len(variables['params']) == 94  # Keras InceptionV3 has 94 conv2d_bn layers.
+  pooled, state = jax.jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))(variables, images)
+  assert pooled.shape == (1, 2048)
+  assert state['intermediates']['spatial_map'][0].shape == (1, 1, 1, 2048)
+  assert state['intermediates']['mixed0'][0].shape == (1, 7, 7, 256)
+  assert sum(x.size for x in jax.tree.leaves(variables['params'])) == 21_768_352  # As Keras: trainable params.

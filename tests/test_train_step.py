@@ -1,0 +1,119 @@
+"""Train step, sharding and decoding on tiny data; no TensorFlow (runs on accelerator hosts)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcap import decode
+from jaxcap import parallel
+from jaxcap import train_step as train_step_lib
+from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jaxcap.models import captioner
+
+VOCAB = 40
+
+
+def _random_batch(config, batch_size, seed=0):
+  rng = np.random.default_rng(seed)
+  size, max_len = config.data.image_size, config.data.max_len
+  tokens = rng.integers(4, VOCAB, (batch_size, max_len)).astype(np.int32)
+  tokens[:, 0] = BOS_ID
+  for row, length in zip(tokens, rng.integers(4, max_len, batch_size)):
+    row[length - 1], row[length:] = EOS_ID, PAD_ID
+  return {'image': rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
+          'tokens': tokens}
+
+
+def _state(config, mesh, vocab_size=VOCAB):
+  model = captioner.create_model(config.model, vocab_size)
+  init = jax.jit(functools.partial(train_step_lib.create_train_state, config, model),
+                 out_shardings=parallel.replicated(mesh))
+  return init(jax.random.key(0))
+
+
+def _jit_step(mesh):
+  return jax.jit(train_step_lib.train_step,
+                 in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def test_loss_falls_when_overfitting_one_batch(config):
+  config.optimizer.learning_rate = 1e-2
+  config.num_train_steps = 60
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state, step = _state(config, mesh), _jit_step(mesh)
+  batch = parallel.shard_batch(_random_batch(config, 8), mesh)
+  losses = []
+  for _ in range(60):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.3 * losses[0], losses
+  assert int(state.step) == 60
+
+
+def test_padding_does_not_change_the_loss(config):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state = _state(config, mesh)
+  batch = _random_batch(config, 4)
+  _, metrics = train_step_lib.train_step(state, batch)
+  longer = {**batch, 'tokens': np.pad(batch['tokens'], ((0, 0), (0, 6)))}
+  _, longer_metrics = train_step_lib.train_step(state, longer)
+  assert metrics['num_tokens'] == (batch['tokens'][:, 1:] != PAD_ID).sum()
+  np.testing.assert_allclose(metrics['loss'], longer_metrics['loss'], rtol=1e-5)
+
+
+def test_train_step_is_the_same_on_1_and_8_devices(config):
+  assert jax.device_count() == 8, 'conftest forces 8 CPU devices'
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = parallel.make_mesh(devices)
+    state, step = _state(config, mesh), _jit_step(mesh)
+    for seed in range(3):
+      state, metrics = step(state, parallel.shard_batch(_random_batch(config, 16, seed), mesh))
+    assert state.params['decoder']['bottleneck_to_logits']['kernel'].sharding.is_fully_replicated
+    results.append(jax.device_get((state.params, state.batch_stats, metrics)))
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-5), *results)
+
+
+def test_shard_batch_splits_rows_over_devices(config):
+  mesh = parallel.make_mesh()
+  batch = parallel.shard_batch(_random_batch(config, 16), mesh)
+  assert batch['image'].shape == (16, 32, 32, 3)
+  assert len(batch['image'].addressable_shards) == 8
+  assert batch['image'].addressable_shards[0].data.shape == (2, 32, 32, 3)
+  with pytest.raises(ValueError, match='batch_size=12 is not divisible by the 8 devices'):
+    parallel.check_batch_size(12, mesh)
+
+
+def test_greedy_decode_stops_at_eos():
+  script = jnp.array([5, 6, EOS_ID, 7, 8, 9])
+
+  def scripted_apply(variables, *args, method):
+    del variables
+    if method == 'encode':
+      return jnp.zeros((args[0].shape[0], 1))
+    if method == 'initial_state':
+      return jnp.zeros(args[0].shape[0], jnp.int32)
+    position, _ = args
+    return position + 1, jax.nn.one_hot(script[position], 10)
+
+  tokens = jax.jit(decode.greedy_decode, static_argnums=(0, 3))(
+      scripted_apply, None, jnp.zeros((2, 4, 4, 3)), 8)
+  assert tokens.tolist() == [[5, 6, EOS_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID]] * 2
+
+
+def test_greedy_decode_of_a_real_model(config):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state = _state(config, mesh)
+  params = jax.tree.map(lambda x: x, state.params)
+  bias = params['decoder']['bottleneck_to_logits']['bias']
+  params['decoder']['bottleneck_to_logits']['bias'] = bias.at[EOS_ID].set(100.0)
+  variables = {'params': params, 'batch_stats': state.batch_stats}
+  images = jnp.zeros((3, 32, 32, 3))
+  tokens = decode.greedy_decode(state.apply_fn, variables, images, config.data.max_len)
+  assert tokens.shape == (3, config.data.max_len - 1)
+  assert (tokens[:, 0] == EOS_ID).all() and (tokens[:, 1:] == PAD_ID).all()
