@@ -147,12 +147,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, metrics = p_train_step(state, batch)
     pending_metrics.append(metrics)
     is_last = step == config.num_train_steps
+    if step == start_step + 1:  # Keep compilation out of steps/s.
+      jax.block_until_ready(metrics)
+      logging.info('First step (compilation included) took %.1f s',
+                   time.perf_counter() - interval_start)
+      interval_start, interval_first_step = time.perf_counter(), step
 
     if step % config.log_every_steps == 0 or is_last:
       fetched = jax.device_get(pending_metrics)
       pending_metrics = []
       elapsed = time.perf_counter() - interval_start
-      steps_per_sec = (step - interval_first_step) / elapsed
       weights = np.array([m['num_tokens'] for m in fetched])
       summary = {
           'train_loss': float(np.average([m['loss'] for m in fetched], weights=weights)),
@@ -160,15 +164,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                    weights=weights)),
           'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
           'learning_rate': float(schedule(step - 1)),
-          'steps_per_sec': steps_per_sec,
-          'examples_per_sec': steps_per_sec * config.batch_size,
       }
+      speed = ''
+      if step > interval_first_step:  # Not only the compilation step.
+        steps_per_sec = (step - interval_first_step) / elapsed
+        summary['steps_per_sec'] = steps_per_sec
+        summary['examples_per_sec'] = steps_per_sec * config.batch_size
+        eta = _format_duration((config.num_train_steps - step) / steps_per_sec)
+        speed = f' | {steps_per_sec:.2f} steps/s | {steps_per_sec * config.batch_size:.0f} examples/s | ETA {eta}'
       writer.write_scalars(step, summary)
-      eta = (config.num_train_steps - step) / max(steps_per_sec, 1e-9)
-      logging.info('step %d/%d | loss %.4f | token acc %.3f | %.2f steps/s | %.0f examples/s | '
-                   'ETA %s', step, config.num_train_steps, summary['train_loss'],
-                   summary['train_token_accuracy'], steps_per_sec, summary['examples_per_sec'],
-                   _format_duration(eta))
+      logging.info('step %d/%d | loss %.4f | token acc %.3f%s', step, config.num_train_steps,
+                   summary['train_loss'], summary['train_token_accuracy'], speed)
       interval_start, interval_first_step = time.perf_counter(), step
 
     if step % config.checkpoint_every_steps == 0 or is_last:

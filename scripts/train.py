@@ -4,6 +4,7 @@
   python scripts/train.py --config configs/default.py --workdir DIR --config.batch_size=64
 """
 
+import logging as std_logging
 import pathlib
 import sys
 
@@ -26,10 +27,10 @@ flags.mark_flag_as_required('config')
 _QUIET_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/clu/')
 
 
-class _QuietLibraries(logging.logging.Filter):
+class _QuietLibraries(std_logging.Filter):
 
   def filter(self, record):
-    return (record.levelno >= logging.WARNING or
+    return (record.levelno >= std_logging.WARNING or
             not any(name in record.pathname for name in _QUIET_LIBRARIES))
 
 
