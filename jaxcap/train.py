@@ -188,6 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       interval_start, interval_first_step = time.perf_counter(), step
 
   manager.wait_until_finished()
+  manager.close()
   writer.flush()
   if start_step >= config.num_train_steps:
     logging.info('Nothing to train: the checkpoint in %s is at step %d', workdir, start_step)
