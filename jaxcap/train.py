@@ -64,6 +64,7 @@ def make_eval_fn(state_sharding, mesh, max_len: int):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
   """Trains to `config.num_train_steps` and returns the final metrics of each eval split."""
   evaluate.check_java()
+  encoder_weights = captioner.load_encoder_weights(config.model)  # Fails before any work.
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
@@ -92,6 +93,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
   if start_step:
     logging.info('Resumed from the checkpoint of step %d in %s', start_step, workdir)
+  elif encoder_weights is not None:
+    state = jax.jit(train_step_lib.with_encoder_variables, out_shardings=state_sharding)(
+        state, encoder_weights)
+    logging.info('Encoder weights from %s', config.model.encoder_weights)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %s encoder, %.2fM parameters', config.model.encoder, num_params / 1e6)
 

@@ -69,6 +69,23 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                            tx=make_optimizer(config))
 
 
+def with_encoder_variables(state: TrainState, variables: dict[str, Any]) -> TrainState:
+  """The state with the encoder's parameters and batch-norm statistics replaced (pretrained).
+
+  Adam's moments start at zero whatever the parameters, so the optimizer state stays valid.
+  """
+  def replace(tree, new):
+    jax.tree.map(_check_same_shape, tree['encoder'], new)
+    return {**tree, 'encoder': jax.tree.map(lambda old, x: jnp.asarray(x, old.dtype), tree['encoder'], new)}
+  return state.replace(params=replace(state.params, variables['params']),
+                       batch_stats=replace(state.batch_stats, variables['batch_stats']))
+
+
+def _check_same_shape(expected, actual):
+  if expected.shape != actual.shape:
+    raise ValueError(f'pretrained encoder variable of shape {actual.shape}, model expects {expected.shape}')
+
+
 def masked_cross_entropy(logits: jax.Array, targets: jax.Array,
                          weights: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Sums of token cross-entropy and of correct argmaxes over weighted tokens, and the weight."""

@@ -58,11 +58,12 @@ def test_train_batches(config, prepared):
 
 
 def test_image_scaling_matches_keras_preprocess_input():
-  pixels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+  from keras.applications import inception_v3
+  pixels = np.arange(256 * 3, dtype=np.uint8).reshape(16, 16, 3)
   scaled = input_pipeline.scale_image(pixels).numpy()
-  expected = pixels.astype(np.float32) / 127.5 - 1.0  # keras inception_v3.preprocess_input
+  expected = inception_v3.preprocess_input(pixels.astype(np.float32))
   np.testing.assert_array_equal(scaled, expected)
-  assert scaled.min() == -1.0 and scaled.max() == 1.0
+  assert scaled.dtype == np.float32 and scaled.min() == -1.0 and scaled.max() == 1.0
 
 
 def test_resize_to_configured_size():

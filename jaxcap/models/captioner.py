@@ -9,6 +9,7 @@ import ml_collections
 
 from jaxcap.models import decoder as decoder_lib
 from jaxcap.models import encoders
+from jaxcap.models import inception_v3
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -51,3 +52,18 @@ def create_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Ca
       logit_bottleneck=model_config.logit_bottleneck, dtype=dtype)
   return Captioner(encoder=encoders.create_encoder(model_config, dtype), decoder=decoder,
                    train_encoder=model_config.train_encoder)
+
+
+def load_encoder_weights(model_config: ml_collections.ConfigDict) -> dict | None:
+  """The converted encoder variables named by `config.model.encoder_weights`, or None.
+
+  Call it before any training work: a missing directory, or one converted with the top, stops
+  the run here with a message saying how to convert the weights.
+  """
+  directory = model_config.encoder_weights
+  if directory is None:
+    return None
+  if model_config.encoder != 'inception_v3':
+    raise ValueError(f'config.model.encoder_weights is set, but config.model.encoder='
+                     f'{model_config.encoder!r}: pretrained weights exist for inception_v3 only')
+  return inception_v3.load_pretrained(directory, include_top=False)
