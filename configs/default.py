@@ -37,7 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
   data.vocab_size = 10_000
   # 'bpe' or 'unigram'; bpe keeps whole words on small corpora.
   data.tokenizer_type = 'bpe'
+  # coco_captions only: a folder with COCO 2014 in the official layout, built without download.
+  data.coco_dir = ml_collections.config_dict.placeholder(str)
   data.shuffle_buffer = 10_000
+  # Training images are centre-cropped to a square; augment=True takes a random square of
+  # augment_min_crop_fraction to 1 of the shorter side and flips it half the time instead.
+  data.augment = False
+  data.augment_min_crop_fraction = 0.8
   # Keep decoded, resized images in memory after the first epoch (small datasets only).
   data.cache_images = True
 

@@ -24,6 +24,7 @@ from jaxcap import evaluate
 from jaxcap import parallel
 from jaxcap import train_step as train_step_lib
 from jaxcap.data import input_pipeline
+from jaxcap.data import prepare
 from jaxcap.data import shapes
 from jaxcap.data import tokenizer as tokenizer_lib
 from jaxcap.models import captioner
@@ -74,13 +75,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data = config.data
 
   # Data and tokenizer.
-  builder = input_pipeline.get_builder(data)
-  train_captions = input_pipeline.read_captions(builder, data.train_split)
-  tokenizer = tokenizer_lib.load_or_train(
-      workdir, train_captions.all_texts, data.vocab_size, data.tokenizer_type)
+  prepared = prepare.prepare(config, workdir)
+  builder, tokenizer = prepared.builder, prepared.tokenizer
   logging.info('Tokenizer: %d ids (%s)', tokenizer.vocab_size,
                os.path.join(workdir, tokenizer_lib.MODEL_FILENAME))
-  train_table = input_pipeline.TokenTable.build(train_captions, tokenizer, data.max_len)
+  train_table = input_pipeline.TokenTable.build(prepared.train_captions, tokenizer, data.max_len)
 
   # Model and state, replicated over the mesh.
   model = captioner.create_model(config.model, tokenizer.vocab_size)

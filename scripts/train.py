@@ -15,6 +15,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
 from jaxcap import train  # pylint: disable=g-import-not-at-top
+from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
+from jaxcap.models import inception_v3  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, tokenizer, metrics and logs.')
@@ -38,7 +40,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (input_pipeline.DataNotFoundError, inception_v3.WeightsError) as error:
+    raise SystemExit(str(error)) from None  # A message for the user, not a stack trace.
 
 
 if __name__ == '__main__':

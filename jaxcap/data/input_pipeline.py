@@ -9,6 +9,7 @@ Preprocessing steps are small pure functions from a feature dict to a feature di
 from __future__ import annotations
 
 import dataclasses
+import socket
 from typing import Iterator
 
 import ml_collections
@@ -16,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from jaxcap.data import coco_local
 from jaxcap.data import shapes_captions
 from jaxcap.data import tokenizer as tokenizer_lib
 
@@ -28,12 +30,51 @@ Batch = dict[str, np.ndarray]
 # --------------------------------------------------------------------------- datasets
 
 
+class DataNotFoundError(RuntimeError):
+  """The dataset is not prepared and cannot be built from what this machine has."""
+
+
+# Where tfds downloads COCO from; checked before a download is attempted.
+_COCO_DOWNLOAD_HOST = ('images.cocodataset.org', 80)
+_NETWORK_TIMEOUT_S = 5.0
+
+MISSING_COCO_MESSAGE = """\
+COCO captions are not prepared in {data_dir}, no local copy was given, and {host} cannot be reached.
+Get the data in one of two ways:
+  1. COCO already on disk (no download): pass --config.data.coco_dir=PATH, a folder with the official
+     layout: train2014/ (13 GB), val2014/ (6.2 GB), annotations/captions_{{train,val}}2014.json, and
+     optionally Karpathy's dataset_coco.json for the standard splits. Building it writes about 20 GB more
+     to the tfds data dir.
+  2. Download with tfds on a machine with internet access: tfds' coco_captions fetches about 38 GB
+     (including test sets it never uses) and writes about 20 GB; it cannot use manually placed files.
+Then run scripts/prepare_data.py with the same config to check the result."""
+
+
+def network_reachable(host: tuple[str, int] = _COCO_DOWNLOAD_HOST) -> bool:
+  try:
+    with socket.create_connection(host, timeout=_NETWORK_TIMEOUT_S):
+      return True
+  except OSError:
+    return False
+
+
 def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The tfds builder named by `config.data.name`, prepared (generated or downloaded)."""
+  """The tfds builder named by `config.data.name`, prepared (generated, built or downloaded).
+
+  `coco_captions` is built from `config.data.coco_dir` when set, else downloaded by tfds; with
+  neither a prepared copy nor the network, this stops at once with DataNotFoundError.
+  """
   if data_config.name == 'shapes_captions':
     builder = shapes_captions.builder_from_config(data_config.shapes, data_config.data_dir)
+  elif data_config.name == 'coco_captions' and data_config.coco_dir:
+    builder = coco_local.CocoCaptionsLocal(coco_dir=data_config.coco_dir,
+                                           data_dir=data_config.data_dir)
   else:
     builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
+    if not builder.is_prepared() and data_config.name == 'coco_captions':
+      if not network_reachable():
+        raise DataNotFoundError(MISSING_COCO_MESSAGE.format(
+            data_dir=builder.data_dir, host=_COCO_DOWNLOAD_HOST[0]))
   builder.download_and_prepare()
   return builder
 
@@ -105,6 +146,25 @@ def scale_image(image: tf.Tensor) -> tf.Tensor:
   return image / 127.5 - 1.0
 
 
+def center_crop(image: tf.Tensor) -> tf.Tensor:
+  """The central square, its side the shorter side (as the original Show-and-Tell project)."""
+  shape = tf.shape(image)
+  side = tf.minimum(shape[0], shape[1])
+  top, left = (shape[0] - side) // 2, (shape[1] - side) // 2
+  return image[top:top + side, left:left + side]
+
+
+def random_crop_and_flip(image: tf.Tensor, seed: tf.Tensor,
+                         min_fraction: float) -> tf.Tensor:
+  """A random square of min_fraction to 1 of the shorter side, flipped left-right half the time."""
+  shape = tf.shape(image)
+  shorter = tf.minimum(shape[0], shape[1])
+  fraction = tf.random.stateless_uniform([], seed=seed, minval=min_fraction, maxval=1.0)
+  side = tf.maximum(1, tf.cast(tf.cast(shorter, tf.float32) * fraction, tf.int32))
+  image = tf.image.stateless_random_crop(image, tf.stack([side, side, 3]), seed=seed + 1)
+  return tf.image.stateless_random_flip_left_right(image, seed=seed + 2)
+
+
 def resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
   """Bilinear, antialiased resize to (size, size); images already that size pass unchanged."""
   shape = tf.shape(image)
@@ -115,9 +175,19 @@ def resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def preprocess_image(image_size: int):
+  """Centre square crop, resize, scale to [-1, 1]."""
   def fn(features):
-    image = resize_image(features['image'], image_size)
+    image = resize_image(center_crop(features['image']), image_size)
     return {**features, 'image': scale_image(image)}
+  return fn
+
+
+def augment_image(image_size: int, seed: int, min_fraction: float):
+  """Random square crop and flip per (image, position in the stream), resize, scale."""
+  def fn(index, features):
+    image_seed = tf.stack([tf.constant(seed, tf.int64), index])
+    image = random_crop_and_flip(features['image'], image_seed, min_fraction)
+    return index, {**features, 'image': scale_image(resize_image(image, image_size))}
   return fn
 
 
@@ -154,11 +224,15 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split: str, table: TokenTab
                           read_config=tfds.ReadConfig(shuffle_seed=seed))
   ds = ds.map(keep('image', 'image/id'), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(table.lookup_fn(), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
+  if not data_config.augment:  # Deterministic preprocessing: done once when cached.
+    ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
   if data_config.cache_images:
     ds = ds.cache()
   ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.repeat().enumerate()
+  if data_config.augment:
+    ds = ds.map(augment_image(data_config.image_size, seed, data_config.augment_min_crop_fraction),
+                num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(pick_caption(seed), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,71 @@
+"""Dataset and tokenizer preparation, shared by training and scripts/prepare_data.py."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jaxcap.data import coco_local
+from jaxcap.data import input_pipeline
+from jaxcap.data import tokenizer as tokenizer_lib
+
+_LENGTH_PERCENTILES = (5, 50, 95, 100)
+
+
+@dataclasses.dataclass
+class PreparedData:
+  builder: tfds.core.DatasetBuilder
+  tokenizer: tokenizer_lib.Tokenizer
+  train_captions: input_pipeline.SplitCaptions
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
+  """Builds (or finds) the dataset and trains (or loads) the workdir's tokenizer."""
+  data = config.data
+  builder = input_pipeline.get_builder(data)
+  train_captions = input_pipeline.read_captions(builder, data.train_split)
+  tokenizer = tokenizer_lib.load_or_train(
+      workdir, train_captions.all_texts, data.vocab_size, data.tokenizer_type)
+  return PreparedData(builder, tokenizer, train_captions)
+
+
+def split_report(captions: input_pipeline.SplitCaptions,
+                 tokenizer: tokenizer_lib.Tokenizer) -> dict[str, float]:
+  """Counts, caption lengths in words (percentiles) and the unknown-token rate of a split."""
+  texts = captions.all_texts()
+  lengths = np.array([len(t.split()) for t in texts]) if texts else np.zeros(1)
+  per_image = collections.Counter(len(t) for t in captions.texts)
+  report = {'images': len(captions.image_ids), 'captions': len(texts),
+            'unknown_token_rate': tokenizer.unknown_rate(texts),
+            'captions_per_image': dict(sorted(per_image.items()))}
+  for q in _LENGTH_PERCENTILES:
+    report[f'words_p{q}'] = float(np.percentile(lengths, q))
+  return report
+
+
+def skipped_by_split(builder: tfds.core.DatasetBuilder) -> dict[str, collections.Counter]:
+  """Reasons for skipped items, counted per split ('all' for items skipped before splitting)."""
+  counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for item in coco_local.read_skipped(builder):
+    counts[item.get('split', 'all')][item['reason'].split(' (')[0]] += 1
+  return counts
+
+
+def input_images_per_sec(prepared: PreparedData, config: ml_collections.ConfigDict,
+                         num_batches: int) -> float:
+  """Images/s of the training input pipeline alone, after one warm-up batch."""
+  table = input_pipeline.TokenTable.build(prepared.train_captions, prepared.tokenizer,
+                                          config.data.max_len)
+  ds = input_pipeline.train_dataset(prepared.builder, config.data.train_split, table, config.data,
+                                    batch_size=config.batch_size, seed=config.seed)
+  batches = ds.as_numpy_iterator()
+  next(batches)
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(batches)
+  return num_batches * config.batch_size / (time.perf_counter() - start)

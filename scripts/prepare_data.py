@@ -1,0 +1,64 @@
+"""Builds or checks a config's dataset and tokenizer, and reports on every split.
+
+  python scripts/prepare_data.py --config configs/coco.py --workdir workdirs/coco \
+      --config.data.coco_dir=/data/coco --input_speed_batches=50
+
+Training runs the same preparation; this shows what it found before any model is built.
+"""
+
+import logging as std_logging
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
+from jaxcap.data import prepare  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Workdir whose tokenizer to train or check.')
+flags.mark_flag_as_required('workdir')
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.mark_flag_as_required('config')
+flags.DEFINE_integer('input_speed_batches', 0,
+                     'Also time this many training batches of the input pipeline alone.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  std_logging.getLogger().setLevel(std_logging.WARNING)
+  config = FLAGS.config
+  try:
+    prepared = prepare.prepare(config, FLAGS.workdir)
+  except input_pipeline.DataNotFoundError as error:
+    raise SystemExit(str(error)) from None
+  skipped = prepare.skipped_by_split(prepared.builder)
+  print(f'Dataset {prepared.builder.name} in {prepared.builder.data_dir}')
+  print(f'Tokenizer: {prepared.tokenizer.vocab_size} ids in {FLAGS.workdir}')
+  splits = dict.fromkeys([config.data.train_split, *config.data.eval_splits])
+  for split in splits:
+    captions = (prepared.train_captions if split == config.data.train_split
+                else input_pipeline.read_captions(prepared.builder, split))
+    report = prepare.split_report(captions, prepared.tokenizer)
+    print(f'{split}: {report["images"]} images, {report["captions"]} captions '
+          f'(per image: {report["captions_per_image"]}), words per caption '
+          f'p5/p50/p95/max {report["words_p5"]:.0f}/{report["words_p50"]:.0f}/'
+          f'{report["words_p95"]:.0f}/{report["words_p100"]:.0f}, '
+          f'unknown tokens {100 * report["unknown_token_rate"]:.2f}%')
+  for split, reasons in sorted(skipped.items()):
+    for reason, count in reasons.most_common():
+      print(f'skipped ({split}): {count} x {reason}')
+  if not skipped:
+    print('skipped: nothing')
+  if FLAGS.input_speed_batches:
+    speed = prepare.input_images_per_sec(prepared, config, FLAGS.input_speed_batches)
+    print(f'input pipeline: {speed:.0f} images/s ({config.batch_size} per batch, '
+          f'{FLAGS.input_speed_batches} batches)')
+
+
+if __name__ == '__main__':
+  app.run(main)
