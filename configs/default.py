@@ -88,6 +88,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Clip gradients to this global L2 norm; 0 disables clipping.
   opt.grad_clip_norm = 1.0
 
+  config.decode = dec = ml_collections.ConfigDict()
+  # How evaluation and scripts/caption.py generate captions: 'greedy', 'beam' or 'sample'.
+  dec.method = 'greedy'
+  dec.beam_size = 3
+  # Beam hypotheses are ranked by log-probability / length ** length_penalty (0: raw).
+  dec.length_penalty = 0.0
+  # Softmax temperature of 'sample'.
+  dec.temperature = 1.0
+
   config.eval = ev = ml_collections.ConfigDict()
   # Global evaluation batch size (images).
   ev.batch_size = 256

@@ -26,13 +26,15 @@ def save(manager: ocp.CheckpointManager, state: TrainState, *, force: bool = Fal
                force=force)
 
 
-def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
-  """The latest checkpoint laid out (shapes, dtypes, shardings) like `state`, or `state`."""
-  step = manager.latest_step()
-  if step is None:
-    return state
+def restore(manager: ocp.CheckpointManager, state: TrainState, step: int) -> TrainState:
+  """The checkpoint of `step`, laid out (shapes, dtypes, shardings) like `state`."""
   target = flax.serialization.to_state_dict(state)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   return flax.serialization.from_state_dict(state, restored)
 
+
+def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+  """The latest checkpoint laid out like `state`, or `state` when there is none."""
+  step = manager.latest_step()
+  return state if step is None else restore(manager, state, step)

@@ -10,6 +10,11 @@ import jax.numpy as jnp
 from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
+def _forbid_specials(logits: jax.Array) -> jax.Array:
+  """A caption never contains PAD or BOS: they are not candidates (PAD only follows EOS)."""
+  return logits.astype(jnp.float32).at[..., PAD_ID].set(-jnp.inf).at[..., BOS_ID].set(-jnp.inf)
+
+
 def greedy_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
                   max_len: int) -> jax.Array:
   """Greedy captions (B, max_len - 1): the ids after BOS, EOS included, PAD after EOS.
@@ -23,10 +28,89 @@ def greedy_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Arra
   def step(state, _):
     carry, tokens, done = state
     carry, logits = apply_fn(variables, carry, tokens, method='decode_step')
-    next_tokens = jnp.where(done, PAD_ID, jnp.argmax(logits, -1).astype(jnp.int32))
+    next_tokens = jnp.where(done, PAD_ID, jnp.argmax(_forbid_specials(logits), -1).astype(jnp.int32))
     done = done | (next_tokens == EOS_ID)
     return (carry, next_tokens, done), next_tokens
 
   start = (carry, jnp.full((batch_size,), BOS_ID, jnp.int32), jnp.zeros((batch_size,), bool))
   _, tokens = jax.lax.scan(step, start, None, length=max_len - 1)
   return tokens.T
+
+
+def beam_search(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
+                beam_size: int, length_penalty: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Batched beam search with fixed shapes: (B, max_len - 1) ids and (B,) their log-probabilities.
+
+  Each step extends every live beam by every token and keeps the best `beam_size` of the
+  candidates; a finished beam (EOS emitted) continues only with PAD at no cost, so it keeps its
+  score and its place among the candidates. At step 0 all beams are the same prefix: only the
+  first one is live, so no duplicates are kept. At the end hypotheses are ranked by
+  log-probability / length ** length_penalty (0: raw log-probability). beam_size 1 is greedy.
+  """
+  embedding = apply_fn(variables, images, method='encode')
+  batch_size, steps = images.shape[0], max_len - 1
+  embedding = jnp.repeat(embedding, beam_size, axis=0)  # (B * K, D)
+  carry = apply_fn(variables, embedding, method='initial_state')
+  log_probs = jnp.tile(jnp.array([0.0] + [-jnp.inf] * (beam_size - 1)), (batch_size, 1))
+  state = (carry, jnp.full((batch_size, beam_size), BOS_ID, jnp.int32), log_probs,
+           jnp.zeros((batch_size, beam_size), bool),
+           jnp.full((batch_size, beam_size, steps), PAD_ID, jnp.int32))
+
+  def step(state, t):
+    carry, last, log_probs, finished, tokens = state
+    carry, logits = apply_fn(variables, carry, last.reshape(-1), method='decode_step')
+    step_log_probs = jax.nn.log_softmax(_forbid_specials(logits)).reshape(batch_size, beam_size, -1)
+    vocab_size = step_log_probs.shape[-1]
+    pad_only = jnp.full((vocab_size,), -jnp.inf).at[PAD_ID].set(0.0)
+    step_log_probs = jnp.where(finished[..., None], pad_only, step_log_probs)
+    candidates = (log_probs[..., None] + step_log_probs).reshape(batch_size, -1)
+    log_probs, index = jax.lax.top_k(candidates, beam_size)
+    beam, token = index // vocab_size, (index % vocab_size).astype(jnp.int32)
+    gather = lambda x: jnp.take_along_axis(x, beam.reshape(beam.shape + (1,) * (x.ndim - 2)), axis=1)
+    tokens = gather(tokens).at[:, :, t].set(token)
+    finished = gather(finished) | (token == EOS_ID)
+    flat_beam = (beam + jnp.arange(batch_size)[:, None] * beam_size).reshape(-1)
+    carry = jax.tree.map(lambda c: c[flat_beam], carry)
+    return (carry, token, log_probs, finished, tokens), None
+
+  (_, _, log_probs, _, tokens), _ = jax.lax.scan(step, state, jnp.arange(steps))
+  lengths = jnp.maximum(jnp.sum(tokens != PAD_ID, axis=-1), 1).astype(jnp.float32)
+  ranking = log_probs / lengths ** length_penalty
+  best = jnp.argmax(ranking, axis=-1)
+  return (jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0],
+          jnp.take_along_axis(log_probs, best[:, None], axis=1)[:, 0])
+
+
+def sample_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
+                  rng: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """Captions sampled token by token from softmax(logits / temperature); PAD after EOS."""
+  embedding = apply_fn(variables, images, method='encode')
+  carry = apply_fn(variables, embedding, method='initial_state')
+  batch_size = images.shape[0]
+
+  def step(state, key):
+    carry, tokens, done = state
+    carry, logits = apply_fn(variables, carry, tokens, method='decode_step')
+    sampled = jax.random.categorical(key, _forbid_specials(logits) / temperature).astype(jnp.int32)
+    next_tokens = jnp.where(done, PAD_ID, sampled)
+    done = done | (next_tokens == EOS_ID)
+    return (carry, next_tokens, done), next_tokens
+
+  start = (carry, jnp.full((batch_size,), BOS_ID, jnp.int32), jnp.zeros((batch_size,), bool))
+  _, tokens = jax.lax.scan(step, start, jax.random.split(rng, max_len - 1))
+  return tokens.T
+
+
+def decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
+           decode_config: Any, rng: jax.Array | None = None) -> jax.Array:
+  """Captions by `decode_config.method`: 'greedy', 'beam' or 'sample'."""
+  if decode_config.method == 'greedy':
+    return greedy_decode(apply_fn, variables, images, max_len)
+  if decode_config.method == 'beam':
+    return beam_search(apply_fn, variables, images, max_len, decode_config.beam_size,
+                       decode_config.length_penalty)[0]
+  if decode_config.method == 'sample':
+    rng = jax.random.key(0) if rng is None else rng
+    return sample_decode(apply_fn, variables, images, max_len, rng, decode_config.temperature)
+  raise ValueError(f"config.decode.method={decode_config.method!r} is not 'greedy', 'beam' or "
+                   "'sample'")

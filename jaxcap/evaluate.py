@@ -7,14 +7,22 @@ PTB tokenizer (both it and METEOR run `java`). SPICE is left out: it needs a dow
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import shutil
 import time
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
+from jaxcap import decode
+from jaxcap import parallel
+from jaxcap import train_step as train_step_lib
+from jaxcap.data import input_pipeline
+from jaxcap.data import shapes
 from jaxcap.data import tokenizer as tokenizer_lib
 
 _METRIC_KEYS = ('bleu_1', 'bleu_2', 'bleu_3', 'bleu_4', 'meteor', 'rouge_l', 'cider')
@@ -97,3 +105,53 @@ def log_examples(result: SplitResult, references: Mapping[int, Sequence[str]], c
   for image_id in sorted(result.generated)[:count]:
     logging.info('  image %d\n    generated: %s\n    reference: %s', image_id,
                  result.generated[image_id], references[image_id][0])
+
+
+def make_eval_fn(config: ml_collections.ConfigDict, mesh, state_sharding):
+  """Jitted (state, batch) -> (loss sums, caption ids by `config.decode`), batch on 'data'."""
+  def eval_fn(state, batch):
+    sums = train_step_lib.eval_step(state, batch)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    tokens = decode.decode(state.apply_fn, variables, batch['image'], config.data.max_len,
+                           config.decode, jax.random.key(config.seed))
+    return sums, tokens
+  return jax.jit(eval_fn,
+                 in_shardings=(state_sharding, parallel.data_sharding(mesh)),
+                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+
+
+class SplitEvaluator:
+  """Scores a train state on whole splits of a prepared dataset; training and
+  scripts/evaluate.py both use it. References and token tables are read once per split."""
+
+  def __init__(self, builder, tokenizer: tokenizer_lib.Tokenizer,
+               config: ml_collections.ConfigDict, mesh, state_sharding):
+    self.builder, self.tokenizer, self.config, self.mesh = builder, tokenizer, config, mesh
+    self.eval_fn = make_eval_fn(config, mesh, state_sharding)
+    self.batch_size = parallel.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
+    self._splits: dict[str, tuple[dict, input_pipeline.TokenTable]] = {}
+
+  def references(self, split: str) -> dict[int, tuple[str, ...]]:
+    if split not in self._splits:
+      captions = input_pipeline.read_captions(self.builder, split)
+      table = input_pipeline.TokenTable.build(captions, self.tokenizer, self.config.data.max_len)
+      self._splits[split] = (dict(zip(captions.image_ids.tolist(), captions.texts)), table)
+    return self._splits[split][0]
+
+  def __call__(self, state: Any, split: str) -> SplitResult:
+    references = self.references(split)
+    table = self._splits[split][1]
+    ds = input_pipeline.eval_dataset(
+        self.builder, split, table, self.config.data, batch_size=self.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    batches = input_pipeline.eval_batches(ds, self.batch_size)
+    scene = shapes.scene_accuracy if self.config.data.name == 'shapes_captions' else None
+    return evaluate_split(batches, lambda b: self.eval_fn(state, parallel.shard_batch(b, self.mesh)),
+                          self.tokenizer, references, scene)
+
+
+def write_results_file(path: str, generated: Mapping[int, str]) -> None:
+  """Captions in the COCO results format: [{"image_id": ..., "caption": ...}]."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump([{'image_id': i, 'caption': c} for i, c in sorted(generated.items())], f)

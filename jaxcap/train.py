@@ -19,17 +19,17 @@ import numpy as np
 from clu import metric_writers
 
 from jaxcap import checkpoint
-from jaxcap import decode
 from jaxcap import evaluate
+from jaxcap import inference
 from jaxcap import parallel
 from jaxcap import train_step as train_step_lib
 from jaxcap.data import input_pipeline
 from jaxcap.data import prepare
-from jaxcap.data import shapes
 from jaxcap.data import tokenizer as tokenizer_lib
 from jaxcap.models import captioner
 
 METRICS_FILENAME = 'metrics.jsonl'
+
 
 
 def _format_duration(seconds: float) -> str:
@@ -43,35 +43,18 @@ def _append_jsonl(path: str, record: dict[str, Any]) -> None:
     f.write(json.dumps(record) + '\n')
 
 
-def _write_results_file(path: str, generated: dict[int, str]) -> None:
-  """Captions in the COCO results format: [{"image_id": ..., "caption": ...}]."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump([{'image_id': i, 'caption': c} for i, c in sorted(generated.items())], f)
-
-
-def make_eval_fn(state_sharding, mesh, max_len: int):
-  """Jitted (state, batch) -> (loss sums, greedy ids), batch sharded along 'data'."""
-  def eval_fn(state, batch):
-    sums = train_step_lib.eval_step(state, batch)
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    tokens = decode.greedy_decode(state.apply_fn, variables, batch['image'], max_len)
-    return sums, tokens
-  return jax.jit(eval_fn,
-                 in_shardings=(state_sharding, parallel.data_sharding(mesh)),
-                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
   """Trains to `config.num_train_steps` and returns the final metrics of each eval split."""
   evaluate.check_java()
   encoder_weights = captioner.load_encoder_weights(config.model)  # Fails before any work.
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, inference.CONFIG_FILENAME), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   mesh = parallel.make_mesh()
   batch_size = parallel.check_batch_size(config.batch_size, mesh)
-  eval_batch_size = parallel.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
   data = config.data
 
   # Data and tokenizer.
@@ -109,32 +92,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          in_shardings=(state_sharding, parallel.data_sharding(mesh)),
                          out_shardings=(state_sharding, parallel.replicated(mesh)),
                          donate_argnums=0)
-  p_eval = make_eval_fn(state_sharding, mesh, data.max_len)
-  eval_data = {}
+  evaluator = evaluate.SplitEvaluator(builder, tokenizer, config, mesh, state_sharding)
 
   def run_evaluation(step: int, splits) -> dict[str, dict[str, float]]:
     results = {}
     for split in splits:
-      if split not in eval_data:
-        captions = input_pipeline.read_captions(builder, split)
-        references = dict(zip(captions.image_ids.tolist(), captions.texts))
-        table = input_pipeline.TokenTable.build(captions, tokenizer, data.max_len)
-        eval_data[split] = (references, table)
-      references, table = eval_data[split]
-      ds = input_pipeline.eval_dataset(
-          builder, split, table, data, batch_size=eval_batch_size // jax.process_count(),
-          process_index=jax.process_index(), process_count=jax.process_count())
-      batches = input_pipeline.eval_batches(ds, eval_batch_size // jax.process_count())
-      result = evaluate.evaluate_split(
-          batches, lambda b: p_eval(state, parallel.shard_batch(b, mesh)), tokenizer, references,
-          shapes.scene_accuracy if data.name == 'shapes_captions' else None)
+      result = evaluator(state, split)
       metrics = result.metrics
       logging.info('Eval %s at step %d: %s', split, step,
                    ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
-      evaluate.log_examples(result, references, config.eval.num_printed_examples)
+      evaluate.log_examples(result, evaluator.references(split), config.eval.num_printed_examples)
       if is_chief:
-        _write_results_file(os.path.join(workdir, 'captions', f'{split}_step{step}.json'),
-                            result.generated)
+        evaluate.write_results_file(
+            os.path.join(workdir, 'captions', f'{split}_step{step}.json'), result.generated)
         _append_jsonl(os.path.join(workdir, METRICS_FILENAME), {'step': step, 'split': split, **metrics})
         writer.write_scalars(step, {f'{split}/{k}': v for k, v in metrics.items()})
       results[split] = metrics

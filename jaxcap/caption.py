@@ -1,0 +1,77 @@
+"""Captioning arbitrary image files with a trained model (scripts/caption.py)."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+
+from jaxcap import decode
+from jaxcap import inference
+from jaxcap import parallel
+from jaxcap.data import input_pipeline
+
+
+def set_decoding(config: ml_collections.ConfigDict, *, beam: int | None = None,
+                 temperature: float | None = None) -> None:
+  """Command-line decoding choices override the config's."""
+  if beam is not None:
+    config.decode.method, config.decode.beam_size = 'beam', beam
+  if temperature is not None:
+    config.decode.method, config.decode.temperature = 'sample', temperature
+
+
+def expand_paths(paths: Sequence[str]) -> list[str]:
+  """Files as given; folders replaced by the files inside them, sorted."""
+  expanded = []
+  for path in paths:
+    if os.path.isdir(path):
+      expanded += sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                         for name in names)
+    else:
+      expanded.append(path)
+  return expanded
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+  """Any image file PIL reads (grayscale, PNG, EXIF-rotated, any size) -> model input, as the
+  training pipeline prepares it: centre square crop, resize, [-1, 1]."""
+  with Image.open(path) as image:
+    pixels = np.asarray(ImageOps.exif_transpose(image).convert('RGB'))
+  features = input_pipeline.preprocess_image(image_size)({'image': pixels})
+  return features['image'].numpy()
+
+
+def caption_paths(trained: inference.Trained, paths: Iterable[str]) -> list[tuple[str, dict]]:
+  """(path, {'caption': text} or {'error': message}) for each path, in order."""
+  config, mesh = trained.config, trained.mesh
+  decode_fn = jax.jit(
+      lambda state, images: decode.decode(
+          state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats}, images,
+          config.data.max_len, config.decode, jax.random.key(config.seed)),
+      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+      out_shardings=parallel.replicated(mesh))
+  results: dict[str, dict] = {}
+  loaded: list[tuple[str, np.ndarray]] = []
+  paths = list(paths)
+  for path in paths:
+    try:
+      loaded.append((path, load_image(path, config.data.image_size)))
+    except (OSError, ValueError) as error:
+      results[path] = {'error': f'not a readable image ({type(error).__name__}: {error})'}
+  # One batch shape: all images up to eval.batch_size, rounded up to fill every device.
+  batch_size = min(config.eval.batch_size, -(-max(len(loaded), 1) // mesh.size) * mesh.size)
+  for start in range(0, len(loaded), batch_size):
+    chunk = loaded[start:start + batch_size]
+    images = np.stack([image for _, image in chunk])
+    padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
+    padded[:len(chunk)] = images
+    tokens = decode_fn(trained.state, parallel.shard_batch({'image': padded}, mesh)['image'])
+    for (path, _), text in zip(chunk, trained.tokenizer.decode(np.asarray(tokens)[:len(chunk)])):
+      results[path] = {'caption': text}
+  return [(path, results[path]) for path in paths]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU rows of docs/benchmarks.md: run from the repository root on a GPU machine with JAX.
+# Results are printed and written as JSON under ${OUT:-/tmp/jaxcap_bench}.
+set -u
+OUT=${OUT:-/tmp/jaxcap_bench}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+B="python3 scripts/benchmark.py --steps 20 --warmup 3 --peak_matmul_size 8192"
+COCO="--config configs/coco.py --config.model.encoder_weights=None --batch_size 256"
+run() {
+  name=$1; shift; echo "== $name"
+  timeout 100 $B --json "$OUT/$name.json" "$@" 2>&1 | grep -E '"(steps_per_sec|examples_per_sec|achieved_tflops|peak_tflops|mfu|tokens_per_sec)"' | tr -d '\n '; echo
+}
+run encoder_bf16_b256 $COCO --mode encoder --config.model.dtype=bfloat16
+run train_frozen_bf16_b256 $COCO --mode train --config.model.dtype=bfloat16
+run decode_greedy_bf16_b256 $COCO --mode decode --config.model.dtype=bfloat16
+run demo_train_f32_b64 --config configs/demo.py --mode train --batch_size 64 --vocab_size 128

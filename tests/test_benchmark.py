@@ -1,0 +1,36 @@
+"""scripts/benchmark.py runs without TensorFlow and writes valid JSON."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs the script with TensorFlow made unimportable, as on accelerator hosts without it.
+_WITHOUT_TF = """
+import runpy, sys
+sys.modules['tensorflow'] = None
+sys.argv = ['benchmark.py'] + sys.argv[1:]
+runpy.run_path({script!r}, run_name='__main__')
+"""
+
+
+def test_every_mode_without_tensorflow(tmp_path):
+  output = tmp_path / 'result.json'
+  code = _WITHOUT_TF.format(script=str(ROOT / 'scripts' / 'benchmark.py'))
+  runs = [('encoder', 'greedy'), ('train', 'greedy'), ('decode', 'greedy'), ('decode', 'beam'),
+          ('decode', 'sample')]
+  for mode, method in runs:
+    result = subprocess.run(
+        [sys.executable, '-c', code, '--config', str(ROOT / 'configs' / 'demo.py'), '--mode',
+         mode, '--batch_size', '8', '--steps', '1', '--warmup', '1', '--vocab_size', '50',
+         '--peak_matmul_size', '256', f'--config.decode.method={method}', '--json', str(output)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(output.read_text())
+    assert results['mode'] == mode and results['decode']['method'] == method
+    assert results['steps_per_sec'] > 0 and results['examples_per_sec'] > 0
+    assert results['flops_per_step'] > 0 and results['peak_tflops'] > 0
+    assert 0 < results['mfu'] and results['device_count'] == 8
+    assert ('tokens_per_sec' in results) == (mode == 'train')

@@ -1,0 +1,101 @@
+"""Beam search and sampling against exhaustive search and greedy decoding (no TensorFlow)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcap import decode
+from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+VOCAB = 6  # PAD, UNK, BOS, EOS and two words.
+
+
+def _table_model(seed):
+  """A decoder whose next-token logits depend on the image, the step and the previous token."""
+  table = jax.random.normal(jax.random.key(seed), (2, 8, VOCAB, VOCAB)) * 2.0
+
+  def apply(variables, *args, method):
+    del variables
+    if method == 'encode':
+      return args[0][:, 0, 0, :1]  # Image "embedding": 0 or 1, picks the table.
+    if method == 'initial_state':
+      return (args[0][:, 0].astype(jnp.int32), jnp.zeros(args[0].shape[0], jnp.int32))
+    (image, position), tokens = args
+    return (image, position + 1), table[image, position, tokens]
+
+  return apply, table
+
+
+def _sequence_log_prob(table, image, sequence):
+  logits = table[image].at[..., PAD_ID].set(-jnp.inf).at[..., BOS_ID].set(-jnp.inf)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  total, previous = 0.0, BOS_ID
+  for position, token in enumerate(sequence):
+    total += float(log_probs[position, previous, token])
+    if token == EOS_ID:
+      break
+    previous = token
+  return total
+
+
+def _exhaustive(table, image, steps):
+  """The most probable sequence over all sequences of `steps` ids (PAD after EOS)."""
+  best, best_score = None, -np.inf
+  for sequence in itertools.product(range(VOCAB), repeat=steps):
+    end = sequence.index(EOS_ID) if EOS_ID in sequence else steps
+    if PAD_ID in sequence[:end] or BOS_ID in sequence[:end]:
+      continue  # Captions never contain PAD or BOS; only PAD follows EOS.
+    if EOS_ID in sequence:
+      end = sequence.index(EOS_ID)
+      if any(t != PAD_ID for t in sequence[end + 1:]):
+        continue
+    score = _sequence_log_prob(table, image, sequence)
+    if score > best_score:
+      best, best_score = list(sequence), score
+  return best, best_score
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_wide_beam_equals_exhaustive_search(seed):
+  apply, table = _table_model(seed)
+  images = jnp.array([0.0, 1.0]).reshape(2, 1, 1, 1) * jnp.ones((2, 2, 2, 1))
+  max_len = 5  # 4 steps.
+  tokens, scores = jax.jit(decode.beam_search, static_argnums=(0, 3, 4))(
+      apply, None, images, max_len, VOCAB ** 3)
+  for image in range(2):
+    best, best_score = _exhaustive(table, image, max_len - 1)
+    assert tokens[image].tolist() == best
+    assert scores[image] == pytest.approx(best_score, abs=1e-4)
+
+
+@pytest.mark.parametrize('seed', [0, 3])
+def test_beam_one_is_greedy(seed):
+  apply, _ = _table_model(seed)
+  images = jnp.array([0.0, 1.0]).reshape(2, 1, 1, 1) * jnp.ones((2, 2, 2, 1))
+  beam, _ = decode.beam_search(apply, None, images, 8, beam_size=1)
+  greedy = decode.greedy_decode(apply, None, images, 8)
+  np.testing.assert_array_equal(beam, greedy)
+
+
+def test_beam_keeps_finished_hypotheses_and_distinct_beams():
+  apply, table = _table_model(4)
+  images = jnp.zeros((1, 2, 2, 1))
+  tokens, score = decode.beam_search(apply, None, images, 6, beam_size=3)
+  row = tokens[0].tolist()
+  if EOS_ID in row:
+    assert all(t == PAD_ID for t in row[row.index(EOS_ID) + 1:])
+  assert float(score[0]) == pytest.approx(_sequence_log_prob(table, 0, row), abs=1e-4)
+
+
+def test_sampling_at_low_temperature_is_greedy_and_pads_after_eos():
+  apply, _ = _table_model(5)
+  images = jnp.array([0.0, 1.0]).reshape(2, 1, 1, 1) * jnp.ones((2, 2, 2, 1))
+  cold = decode.sample_decode(apply, None, images, 8, jax.random.key(0), temperature=1e-4)
+  np.testing.assert_array_equal(cold, decode.greedy_decode(apply, None, images, 8))
+  hot = decode.sample_decode(apply, None, images, 8, jax.random.key(1), temperature=1.0)
+  for row in hot.tolist():
+    if EOS_ID in row:
+      assert all(t == PAD_ID for t in row[row.index(EOS_ID) + 1:])
