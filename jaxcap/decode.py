@@ -15,9 +15,10 @@ def _forbid_specials(logits: jax.Array) -> jax.Array:
   return logits.astype(jnp.float32).at[..., PAD_ID].set(-jnp.inf).at[..., BOS_ID].set(-jnp.inf)
 
 
-def greedy_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
-                  max_len: int) -> jax.Array:
-  """Greedy captions (B, max_len - 1): the ids after BOS, EOS included, PAD after EOS.
+def _token_by_token(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
+                    max_len: int, choose: Callable[[jax.Array, jax.Array], jax.Array],
+                    rng: jax.Array) -> jax.Array:
+  """(B, max_len - 1) ids, each step's `choose(logits, key)` fed back; PAD after EOS.
 
   A fixed-length scan: shapes never depend on when captions end, so it compiles once.
   """
@@ -25,16 +26,24 @@ def greedy_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Arra
   carry = apply_fn(variables, embedding, method='initial_state')
   batch_size = images.shape[0]
 
-  def step(state, _):
+  def step(state, key):
     carry, tokens, done = state
     carry, logits = apply_fn(variables, carry, tokens, method='decode_step')
-    next_tokens = jnp.where(done, PAD_ID, jnp.argmax(_forbid_specials(logits), -1).astype(jnp.int32))
+    chosen = choose(_forbid_specials(logits), key).astype(jnp.int32)
+    next_tokens = jnp.where(done, PAD_ID, chosen)
     done = done | (next_tokens == EOS_ID)
     return (carry, next_tokens, done), next_tokens
 
   start = (carry, jnp.full((batch_size,), BOS_ID, jnp.int32), jnp.zeros((batch_size,), bool))
-  _, tokens = jax.lax.scan(step, start, None, length=max_len - 1)
+  _, tokens = jax.lax.scan(step, start, jax.random.split(rng, max_len - 1))
   return tokens.T
+
+
+def greedy_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
+                  max_len: int) -> jax.Array:
+  """Greedy captions (B, max_len - 1): the ids after BOS, EOS included, PAD after EOS."""
+  return _token_by_token(apply_fn, variables, images, max_len,
+                         lambda logits, _: jnp.argmax(logits, -1), jax.random.key(0))
 
 
 def beam_search(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
@@ -84,21 +93,9 @@ def beam_search(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
 def sample_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
                   rng: jax.Array, temperature: float = 1.0) -> jax.Array:
   """Captions sampled token by token from softmax(logits / temperature); PAD after EOS."""
-  embedding = apply_fn(variables, images, method='encode')
-  carry = apply_fn(variables, embedding, method='initial_state')
-  batch_size = images.shape[0]
-
-  def step(state, key):
-    carry, tokens, done = state
-    carry, logits = apply_fn(variables, carry, tokens, method='decode_step')
-    sampled = jax.random.categorical(key, _forbid_specials(logits) / temperature).astype(jnp.int32)
-    next_tokens = jnp.where(done, PAD_ID, sampled)
-    done = done | (next_tokens == EOS_ID)
-    return (carry, next_tokens, done), next_tokens
-
-  start = (carry, jnp.full((batch_size,), BOS_ID, jnp.int32), jnp.zeros((batch_size,), bool))
-  _, tokens = jax.lax.scan(step, start, jax.random.split(rng, max_len - 1))
-  return tokens.T
+  return _token_by_token(
+      apply_fn, variables, images, max_len,
+      lambda logits, key: jax.random.categorical(key, logits / temperature), rng)
 
 
 def decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
