@@ -95,14 +95,12 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array,
   return (jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights))
 
 
-def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-  """One teacher-forced step on {'image': (B, H, W, 3), 'tokens': (B, L)}; loss masks PAD."""
-  inputs, targets = batch['tokens'][:, :-1], batch['tokens'][:, 1:]
+def _teacher_forced_step(state: TrainState, tokens: jax.Array, logits_fn) -> tuple[TrainState, Metrics]:
+  """One optimizer step on the masked loss of `logits_fn(params, input_ids) -> (logits, updates)`."""
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
   def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state.batch_stats}
-    logits, updates = state.apply_fn(variables, batch['image'], inputs, train=True,
-                                     mutable=['batch_stats'])
+    logits, updates = logits_fn(params, inputs)
     loss_sum, correct, num_tokens = masked_cross_entropy(logits, targets, targets != PAD_ID)
     num_tokens = jnp.maximum(num_tokens, 1.0)
     return loss_sum / num_tokens, (updates, correct / num_tokens, num_tokens)
@@ -114,6 +112,32 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
   metrics = {'loss': loss, 'token_accuracy': accuracy, 'num_tokens': num_tokens,
              'grad_norm': optax.global_norm(grads)}
   return new_state, metrics
+
+
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  """One teacher-forced step on {'image': (B, H, W, 3), 'tokens': (B, L)}; loss masks PAD."""
+  def logits_fn(params, inputs):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    return state.apply_fn(variables, batch['image'], inputs, train=True, mutable=['batch_stats'])
+  return _teacher_forced_step(state, batch['tokens'], logits_fn)
+
+
+def create_decoder_state(config: ml_collections.ConfigDict, model: nn.Module, rng: jax.Array,
+                         embedding_dim: int) -> TrainState:
+  """State of the decoder alone, for training on precomputed (cached) image embeddings."""
+  embedding = jnp.zeros((1, embedding_dim), jnp.float32)
+  tokens = jnp.zeros((1, config.data.max_len - 1), jnp.int32)
+  variables = model.init({'params': rng}, embedding, tokens, method='caption_logits')
+  return TrainState.create(apply_fn=model.apply, params=variables['params'], batch_stats={},
+                           tx=make_optimizer(config))
+
+
+def decoder_train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  """One teacher-forced step on {'embedding': (B, D), 'tokens': (B, L)}: the decoder alone."""
+  def logits_fn(params, inputs):
+    logits = state.apply_fn({'params': params}, batch['embedding'], inputs, method='caption_logits')
+    return logits, {}
+  return _teacher_forced_step(state, batch['tokens'], logits_fn)
 
 
 def eval_step(state: TrainState, batch: Batch) -> Metrics:

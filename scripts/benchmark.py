@@ -4,7 +4,8 @@
   python scripts/benchmark.py --config configs/coco.py --mode encoder --batch_size 32 \
       --config.model.dtype=bfloat16 --config.model.encoder_weights=None
 
-Modes: `encoder` (image embeddings), `train` (one end-to-end train step with images),
+Modes: `decoder` (a train step of the decoder alone on cached image embeddings), `encoder`
+(image embeddings), `train` (one end-to-end train step with images),
 `decode` (captions from images with the configured decoding method). Synthetic captions follow
 COCO's lengths (words ~ N(10.5, 2.5), clipped, plus BOS and EOS, padded to max_len). Timing waits
 for the device and excludes compilation; FLOPs come from XLA's cost analysis of the compiled
@@ -34,7 +35,8 @@ from jaxcap.models import captioner  # pylint: disable=g-import-not-at-top
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=True)
 flags.mark_flag_as_required('config')
-flags.DEFINE_enum('mode', 'train', ['encoder', 'train', 'decode'], 'What to time.')
+flags.DEFINE_enum('mode', 'train', ['decoder', 'encoder', 'train', 'decode'], 'What to time.')
+flags.DEFINE_integer('embedding_dim', 2048, 'Image embedding size of the decoder mode (InceptionV3: 2048).')
 flags.DEFINE_integer('batch_size', None, 'Global batch (default: config.batch_size).')
 flags.DEFINE_integer('vocab_size', 10_000, 'Vocabulary size of the synthetic model.')
 flags.DEFINE_integer('max_len', None, 'Caption length (default: config.data.max_len).')
@@ -91,12 +93,20 @@ def build(config, mode: str, batch_size: int, vocab_size: int):
   mesh = parallel.make_mesh()
   parallel.check_batch_size(batch_size, mesh, 'batch_size (--batch_size)')
   model = captioner.create_model(config.model, vocab_size)
+  tokens = synthetic_tokens(batch_size, config.data.max_len, vocab_size)
+  if mode == 'decoder':
+    state = jax.jit(lambda key: train_step_lib.create_decoder_state(
+        config, model, key, FLAGS.embedding_dim), out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+    batch = parallel.shard_batch({
+        'embedding': np.random.default_rng(1).normal(size=(batch_size, FLAGS.embedding_dim)).astype(np.float32),
+        'tokens': tokens}, mesh)
+    return jax.jit(train_step_lib.decoder_train_step), (state, batch)
   state = jax.jit(lambda key: train_step_lib.create_train_state(config, model, key),
                   out_shardings=parallel.replicated(mesh))(jax.random.key(0))
   size = config.data.image_size
   batch = parallel.shard_batch({
       'image': np.random.default_rng(1).uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
-      'tokens': synthetic_tokens(batch_size, config.data.max_len, vocab_size)}, mesh)
+      'tokens': tokens}, mesh)
   variables = lambda s: {'params': s.params, 'batch_stats': s.batch_stats}
   if mode == 'encoder':
     return jax.jit(lambda s, images: s.apply_fn(variables(s), images, method='encode')), (state, batch['image'])
@@ -130,7 +140,7 @@ def main(argv):
       'image_size': size, 'encoder': config.model.encoder, 'dtype': config.model.dtype,
       'decode': config.decode.to_dict(), 'device_kind': jax.devices()[0].device_kind,
       'device_count': jax.device_count(), 'jax_version': jax.__version__}
-  if FLAGS.mode == 'train':
+  if FLAGS.mode in ('train', 'decoder'):
     results['tokens_per_sec'] = float((batch_tokens[:, 1:] != PAD_ID).sum()) / seconds
   print(json.dumps(results, indent=1))
   if FLAGS.json:

@@ -118,3 +118,19 @@ def test_greedy_decode_of_a_real_model(config):
   tokens = decode.greedy_decode(state.apply_fn, variables, images, config.data.max_len)
   assert tokens.shape == (3, config.data.max_len - 1)
   assert (tokens[:, 0] == EOS_ID).all() and (tokens[:, 1:] == PAD_ID).all()
+
+
+def test_decoder_alone_learns_from_embeddings(config):
+  config.optimizer.learning_rate = 1e-2
+  config.num_train_steps = 60
+  model = captioner.create_model(config.model, VOCAB)
+  state = train_step_lib.create_decoder_state(config, model, jax.random.key(0), embedding_dim=12)
+  assert set(state.params) == {'decoder'}
+  batch = {'embedding': np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32),
+           'tokens': _random_batch(config, 8)['tokens']}
+  step = jax.jit(train_step_lib.decoder_train_step)
+  losses = []
+  for _ in range(60):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.5 * losses[0], losses
