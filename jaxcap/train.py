@@ -10,6 +10,8 @@ import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -32,6 +34,51 @@ METRICS_FILENAME = 'metrics.jsonl'
 
 
 
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a non-finite loss or gradient; nothing after it was checkpointed."""
+
+
+# Fields that a resumed run may not change: they change the parameters, the optimizer state or
+# what the tokens mean. Other fields (steps, intervals, learning rate, ...) may change.
+_RESUME_LOCKED_PREFIXES = ('model.', 'data.name', 'data.vocab_size', 'data.tokenizer_type',
+                           'data.shapes.', 'data.coco_dir', 'optimizer.name')
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, dict):
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f'{prefix}{key}.').items()}
+  return {prefix[:-1]: tree}
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Stops a resumed run whose config changes a locked field; logs the harmless changes."""
+  path = os.path.join(workdir, inference.CONFIG_FILENAME)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = _flatten(json.load(f))
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  locked = [k for k in changed if k.startswith(_RESUME_LOCKED_PREFIXES)]
+  if locked:
+    raise ValueError(f'{workdir} holds a run with a different {", ".join(locked)} '
+                     f'({", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in locked)}); '
+                     'use a new workdir, or the old values, to resume')
+  for key in changed:
+    logging.info('Resuming with config.%s changed: %r -> %r', key, old.get(key), new.get(key))
+
+
+def _raise_if_nonfinite(unchecked: list[tuple[int, jax.Array]], manager) -> None:
+  """Fetches the pending per-step finite flags (one small sync) and stops at the first bad one."""
+  flags = jax.device_get([finite for _, finite in unchecked])
+  for (step, _), finite in zip(unchecked, flags):
+    if not finite:
+      raise NonFiniteLossError(
+          f'non-finite loss or gradient at step {step}; nothing after it was saved. Last good '
+          f'checkpoint: step {manager.latest_step()} in {manager.directory}')
+  unchecked.clear()
+
+
 def _format_duration(seconds: float) -> str:
   minutes, seconds = divmod(int(seconds), 60)
   hours, minutes = divmod(minutes, 60)
@@ -48,6 +95,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evaluate.check_java()
   encoder_weights = captioner.load_encoder_weights(config.model)  # Fails before any work.
   os.makedirs(workdir, exist_ok=True)
+  checkpoint_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME)
+  if os.path.isdir(checkpoint_dir) and any(n.isdigit() for n in os.listdir(checkpoint_dir)):
+    check_resume_config(workdir, config)  # Only a run with a checkpoint constrains this one.
   if jax.process_index() == 0:
     with open(os.path.join(workdir, inference.CONFIG_FILENAME), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -112,58 +162,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   logging.info('Training steps %d to %d, global batch %d on %d devices', start_step + 1,
                config.num_train_steps, config.batch_size, mesh.size)
-  pending_metrics = []
+  pending_metrics, unchecked_finite = [], []
   interval_start, interval_first_step = time.perf_counter(), start_step
   results: dict[str, dict[str, float]] = {}
   schedule = train_step_lib.learning_rate_schedule(config)
-  for step in range(start_step + 1, config.num_train_steps + 1):
-    batch = parallel.shard_batch(next(train_iter), mesh)
-    state, metrics = p_train_step(state, batch)
-    pending_metrics.append(metrics)
-    is_last = step == config.num_train_steps
-    if step == start_step + 1:  # Keep compilation out of steps/s.
-      jax.block_until_ready(metrics)
-      logging.info('First step (compilation included) took %.1f s',
-                   time.perf_counter() - interval_start)
-      interval_start, interval_first_step = time.perf_counter(), step
+  # SIGTERM (a preemption notice) makes the loop save a checkpoint after the current step and
+  # return normally.
+  preempted = threading.Event()
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous_handler = (signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+                      if in_main_thread else None)
+  try:
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      batch = parallel.shard_batch(next(train_iter), mesh)
+      state, metrics = p_train_step(state, batch)
+      unchecked_finite.append((step, metrics.pop('finite')))
+      pending_metrics.append(metrics)
+      is_last = step == config.num_train_steps
+      if step == start_step + 1:  # Keep compilation out of steps/s.
+        jax.block_until_ready(metrics)
+        logging.info('First step (compilation included) took %.1f s',
+                     time.perf_counter() - interval_start)
+        interval_start, interval_first_step = time.perf_counter(), step
 
-    if step % config.log_every_steps == 0 or is_last:
-      fetched = jax.device_get(pending_metrics)
-      pending_metrics = []
-      elapsed = time.perf_counter() - interval_start
-      weights = np.array([m['num_tokens'] for m in fetched])
-      summary = {
-          'train_loss': float(np.average([m['loss'] for m in fetched], weights=weights)),
-          'train_token_accuracy': float(np.average([m['token_accuracy'] for m in fetched],
-                                                   weights=weights)),
-          'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
-          'learning_rate': float(schedule(step - 1)),
-      }
-      speed = ''
-      if step > interval_first_step:  # Not only the compilation step.
-        steps_per_sec = (step - interval_first_step) / elapsed
-        summary['steps_per_sec'] = steps_per_sec
-        summary['examples_per_sec'] = steps_per_sec * config.batch_size
-        eta = _format_duration((config.num_train_steps - step) / steps_per_sec)
-        speed = f' | {steps_per_sec:.2f} steps/s | {steps_per_sec * config.batch_size:.0f} examples/s | ETA {eta}'
-      writer.write_scalars(step, summary)
-      logging.info('step %d/%d | loss %.4f | token acc %.3f%s', step, config.num_train_steps,
-                   summary['train_loss'], summary['train_token_accuracy'], speed)
-      interval_start, interval_first_step = time.perf_counter(), step
+      if step % config.log_every_steps == 0 or is_last:
+        _raise_if_nonfinite(unchecked_finite, manager)
+        fetched = jax.device_get(pending_metrics)
+        pending_metrics = []
+        elapsed = time.perf_counter() - interval_start
+        weights = np.array([m['num_tokens'] for m in fetched])
+        summary = {
+            'train_loss': float(np.average([m['loss'] for m in fetched], weights=weights)),
+            'train_token_accuracy': float(np.average([m['token_accuracy'] for m in fetched],
+                                                     weights=weights)),
+            'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
+            'learning_rate': float(schedule(step - 1)),
+        }
+        speed = ''
+        if step > interval_first_step:  # Not only the compilation step.
+          steps_per_sec = (step - interval_first_step) / elapsed
+          summary['steps_per_sec'] = steps_per_sec
+          summary['examples_per_sec'] = steps_per_sec * config.batch_size
+          eta = _format_duration((config.num_train_steps - step) / steps_per_sec)
+          speed = (f' | {steps_per_sec:.2f} steps/s | {steps_per_sec * config.batch_size:.0f} '
+                   f'examples/s | ETA {eta}')
+        writer.write_scalars(step, summary)
+        logging.info('step %d/%d | loss %.4f | token acc %.3f%s', step, config.num_train_steps,
+                     summary['train_loss'], summary['train_token_accuracy'], speed)
+        interval_start, interval_first_step = time.perf_counter(), step
 
-    if step % config.checkpoint_every_steps == 0 or is_last:
-      checkpoint.save(manager, state, force=is_last)
+      if step % config.checkpoint_every_steps == 0 or is_last or preempted.is_set():
+        _raise_if_nonfinite(unchecked_finite, manager)  # Never checkpoint NaN parameters.
+        checkpoint.save(manager, state, force=is_last or preempted.is_set())
+      if preempted.is_set():
+        logging.warning('SIGTERM: saved the checkpoint of step %d in %s; stopping', step, workdir)
+        break
 
-    if is_last:
-      results = run_evaluation(step, data.eval_splits)
-    elif step % config.eval_every_steps == 0:
-      run_evaluation(step, data.eval_splits[:1])
-    if step % config.eval_every_steps == 0 or is_last:
-      interval_start, interval_first_step = time.perf_counter(), step
-
-  manager.wait_until_finished()
-  manager.close()
-  writer.flush()
+      if is_last:
+        results = run_evaluation(step, data.eval_splits)
+      elif step % config.eval_every_steps == 0:
+        run_evaluation(step, data.eval_splits[:1])
+      if step % config.eval_every_steps == 0 or is_last:
+        interval_start, interval_first_step = time.perf_counter(), step
+  finally:
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, previous_handler)
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
   if start_step >= config.num_train_steps:
     logging.info('Nothing to train: the checkpoint in %s is at step %d', workdir, start_step)
   return results

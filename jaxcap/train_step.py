@@ -109,8 +109,11 @@ def _teacher_forced_step(state: TrainState, tokens: jax.Array, logits_fn) -> tup
   (loss, (updates, accuracy, num_tokens)), grads = grad_fn(state.params)
   new_state = state.apply_gradients(grads=grads,
                                     batch_stats=updates.get('batch_stats', state.batch_stats))
+  grad_norm = optax.global_norm(grads)
   metrics = {'loss': loss, 'token_accuracy': accuracy, 'num_tokens': num_tokens,
-             'grad_norm': optax.global_norm(grads)}
+             'grad_norm': grad_norm,
+             # Checked by the loop when it next syncs (logging, checkpoints): no sync per step.
+             'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
   return new_state, metrics
 
 
