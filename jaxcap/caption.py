@@ -52,7 +52,7 @@ def caption_paths(trained: inference.Trained, paths: Iterable[str]) -> list[tupl
   config, mesh = trained.config, trained.mesh
   decode_fn = jax.jit(
       lambda state, images: decode.decode(
-          state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats}, images,
+          state.apply_fn, state.variables, images,
           config.data.max_len, config.decode, jax.random.key(config.seed)),
       in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
       out_shardings=parallel.replicated(mesh))

@@ -111,8 +111,7 @@ def make_eval_fn(config: ml_collections.ConfigDict, mesh, state_sharding):
   """Jitted (state, batch) -> (loss sums, caption ids by `config.decode`), batch on 'data'."""
   def eval_fn(state, batch):
     sums = train_step_lib.eval_step(state, batch)
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    tokens = decode.decode(state.apply_fn, variables, batch['image'], config.data.max_len,
+    tokens = decode.decode(state.apply_fn, state.variables, batch['image'], config.data.max_len,
                            config.decode, jax.random.key(config.seed))
     return sums, tokens
   return jax.jit(eval_fn,

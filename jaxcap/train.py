@@ -33,7 +33,6 @@ from jaxcap.models import captioner
 METRICS_FILENAME = 'metrics.jsonl'
 
 
-
 class NonFiniteLossError(FloatingPointError):
   """Training produced a non-finite loss or gradient; nothing after it was checkpointed."""
 
@@ -98,10 +97,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoint_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME)
   if os.path.isdir(checkpoint_dir) and any(n.isdigit() for n in os.listdir(checkpoint_dir)):
     check_resume_config(workdir, config)  # Only a run with a checkpoint constrains this one.
-  if jax.process_index() == 0:
+  is_chief = jax.process_index() == 0
+  if is_chief:
     with open(os.path.join(workdir, inference.CONFIG_FILENAME), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   mesh = parallel.make_mesh()
   batch_size = parallel.check_batch_size(config.batch_size, mesh)

@@ -24,6 +24,11 @@ Metrics = dict[str, jax.Array]
 class TrainState(train_state.TrainState):
   batch_stats: Any
 
+  @property
+  def variables(self) -> dict[str, Any]:
+    """The model variables for `apply_fn` outside training: parameters and batch statistics."""
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   opt = config.optimizer
@@ -145,7 +150,7 @@ def decoder_train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Met
 
 def eval_step(state: TrainState, batch: Batch) -> Metrics:
   """Loss sums over every caption of every image: 'tokens' is (B, C, L), 'mask' (B,)."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = state.variables
   embedding = state.apply_fn(variables, batch['image'], method='encode')
   num_images, num_captions, max_len = batch['tokens'].shape
   tokens = batch['tokens'].reshape(num_images * num_captions, max_len)

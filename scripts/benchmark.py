@@ -107,13 +107,12 @@ def build(config, mode: str, batch_size: int, vocab_size: int):
   batch = parallel.shard_batch({
       'image': np.random.default_rng(1).uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
       'tokens': tokens}, mesh)
-  variables = lambda s: {'params': s.params, 'batch_stats': s.batch_stats}
   if mode == 'encoder':
-    return jax.jit(lambda s, images: s.apply_fn(variables(s), images, method='encode')), (state, batch['image'])
+    return jax.jit(lambda s, images: s.apply_fn(s.variables, images, method='encode')), (state, batch['image'])
   if mode == 'train':
     return jax.jit(train_step_lib.train_step), (state, batch)  # Not donated: reused each call.
   return jax.jit(lambda s, images: decode.decode(
-      s.apply_fn, variables(s), images, config.data.max_len, config.decode,
+      s.apply_fn, s.variables, images, config.data.max_len, config.decode,
       jax.random.key(0))), (state, batch['image'])
 
 
