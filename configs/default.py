@@ -39,7 +39,14 @@ def get_config() -> ml_collections.ConfigDict:
   data.tokenizer_type = 'bpe'
   # coco_captions only: a folder with COCO 2014 in the official layout, built without download.
   data.coco_dir = ml_collections.config_dict.placeholder(str)
+  # Decoder training on cached features cuts each batch's token rows to the smallest of these
+  # lengths that holds them all (rows are grouped by length), so no work is spent on padding.
+  # (max_len,) turns it off.
+  data.length_buckets = (8, 10, 12, 14, 16, 18)
   data.shuffle_buffer = 10_000
+  # The training split is read as this many independently shuffled shards (0: one per process).
+  # The batches depend on it, not on the number of hosts: fix it to train on 1 or N hosts alike.
+  data.input_shards = 0
   # Training images are centre-cropped to a square; augment=True takes a random square of
   # augment_min_crop_fraction to 1 of the shorter side and flips it half the time instead.
   data.augment = False
@@ -73,6 +80,11 @@ def get_config() -> ml_collections.ConfigDict:
   model.embed_dim = 100
   model.lstm_size = 300
   model.logit_bottleneck = 120
+  # Training scores this many time steps of the vocabulary projection at a time, never holding
+  # the whole (batch, time, vocab) logits (see jaxcap/models/softmax_loss.py).
+  model.loss_chunk_steps = 1
+  # Time steps per iteration of the LSTM's scan; 1 is fastest on CPU.
+  model.lstm_unroll = 1
   # Compute dtype, 'float32' or 'bfloat16'; parameters and optimizer state stay float32.
   model.dtype = 'float32'
 
@@ -96,6 +108,25 @@ def get_config() -> ml_collections.ConfigDict:
   dec.length_penalty = 0.0
   # Softmax temperature of 'sample'.
   dec.temperature = 1.0
+
+  config.features = feat = ml_collections.ConfigDict()
+  # True: encode every image once into a feature cache (scripts/extract_features.py, or at the
+  # start of training), then train the decoder alone on the cached embeddings, resident on the
+  # devices. Needs a frozen encoder (model.train_encoder=False).
+  feat.enabled = False
+  # Where the cache lives; None: WORKDIR/features.
+  feat.cache_dir = ml_collections.config_dict.placeholder(str)
+  # On-disk dtype of the embeddings ('float16' halves the size; 'float32' is exact).
+  feat.storage_dtype = 'float16'
+  # Global batch of images through the encoder while extracting.
+  feat.batch_size = 256
+  # Batches per part file: an interrupted extraction resumes after its last complete part.
+  feat.batches_per_part = 20
+
+  config.resident = res = ml_collections.ConfigDict()
+  # Decoder training on device-resident cached features (jaxcap/resident.py): optimizer steps
+  # per jitted call. Logging, checkpoint and evaluation intervals are multiples of it.
+  res.steps_per_call = 100
 
   config.eval = ev = ml_collections.ConfigDict()
   # Global evaluation batch size (images).

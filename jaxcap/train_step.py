@@ -91,27 +91,19 @@ def _check_same_shape(expected, actual):
     raise ValueError(f'pretrained encoder variable of shape {actual.shape}, model expects {expected.shape}')
 
 
-def masked_cross_entropy(logits: jax.Array, targets: jax.Array,
-                         weights: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Sums of token cross-entropy and of correct argmaxes over weighted tokens, and the weight."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, -1) == targets)
-  weights = weights.astype(jnp.float32)
-  return (jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights))
-
-
-def _teacher_forced_step(state: TrainState, tokens: jax.Array, logits_fn) -> tuple[TrainState, Metrics]:
-  """One optimizer step on the masked loss of `logits_fn(params, input_ids) -> (logits, updates)`."""
+def _teacher_forced_step(state: TrainState, tokens: jax.Array, loss_sums_fn) -> tuple[TrainState, Metrics]:
+  """One optimizer step on the masked loss; `loss_sums_fn(params, inputs, targets, weights)`
+  returns ((loss_sum, correct_sum), variable_updates)."""
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  weights = (targets != PAD_ID).astype(jnp.float32)
+  num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
 
   def loss_fn(params):
-    logits, updates = logits_fn(params, inputs)
-    loss_sum, correct, num_tokens = masked_cross_entropy(logits, targets, targets != PAD_ID)
-    num_tokens = jnp.maximum(num_tokens, 1.0)
-    return loss_sum / num_tokens, (updates, correct / num_tokens, num_tokens)
+    (loss_sum, correct), updates = loss_sums_fn(params, inputs, targets, weights)
+    return loss_sum / num_tokens, (updates, correct / num_tokens)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (updates, accuracy, num_tokens)), grads = grad_fn(state.params)
+  (loss, (updates, accuracy)), grads = grad_fn(state.params)
   new_state = state.apply_gradients(grads=grads,
                                     batch_stats=updates.get('batch_stats', state.batch_stats))
   grad_norm = optax.global_norm(grads)
@@ -124,10 +116,11 @@ def _teacher_forced_step(state: TrainState, tokens: jax.Array, logits_fn) -> tup
 
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
   """One teacher-forced step on {'image': (B, H, W, 3), 'tokens': (B, L)}; loss masks PAD."""
-  def logits_fn(params, inputs):
+  def loss_sums_fn(params, inputs, targets, weights):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    return state.apply_fn(variables, batch['image'], inputs, train=True, mutable=['batch_stats'])
-  return _teacher_forced_step(state, batch['tokens'], logits_fn)
+    return state.apply_fn(variables, batch['image'], inputs, targets, weights, train=True,
+                          method='loss_sums', mutable=['batch_stats'])
+  return _teacher_forced_step(state, batch['tokens'], loss_sums_fn)
 
 
 def create_decoder_state(config: ml_collections.ConfigDict, model: nn.Module, rng: jax.Array,
@@ -141,11 +134,16 @@ def create_decoder_state(config: ml_collections.ConfigDict, model: nn.Module, rn
 
 
 def decoder_train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-  """One teacher-forced step on {'embedding': (B, D), 'tokens': (B, L)}: the decoder alone."""
-  def logits_fn(params, inputs):
-    logits = state.apply_fn({'params': params}, batch['embedding'], inputs, method='caption_logits')
-    return logits, {}
-  return _teacher_forced_step(state, batch['tokens'], logits_fn)
+  """One teacher-forced step on {'embedding': (B, D), 'tokens': (B, L)}: the decoder alone.
+
+  Any caption length L works (one compilation per length): batches cut to their longest
+  caption (`length_buckets`) spend no work on padding columns.
+  """
+  def loss_sums_fn(params, inputs, targets, weights):
+    sums = state.apply_fn({'params': params}, batch['embedding'], inputs, targets, weights,
+                          method='caption_loss_sums')
+    return sums, {}
+  return _teacher_forced_step(state, batch['tokens'], loss_sums_fn)
 
 
 def eval_step(state: TrainState, batch: Batch) -> Metrics:
@@ -155,9 +153,10 @@ def eval_step(state: TrainState, batch: Batch) -> Metrics:
   num_images, num_captions, max_len = batch['tokens'].shape
   tokens = batch['tokens'].reshape(num_images * num_captions, max_len)
   embedding = jnp.repeat(embedding, num_captions, axis=0)
-  logits = state.apply_fn(variables, embedding, tokens[:, :-1], method='caption_logits')
   targets = tokens[:, 1:]
   image_mask = jnp.repeat(batch['mask'], num_captions)[:, None]
-  loss_sum, correct, num_tokens = masked_cross_entropy(
-      logits, targets, (targets != PAD_ID) & (image_mask > 0))
+  weights = ((targets != PAD_ID) & (image_mask > 0)).astype(jnp.float32)
+  loss_sum, correct = state.apply_fn(variables, embedding, tokens[:, :-1], targets, weights,
+                                     method='caption_loss_sums')
+  num_tokens = jnp.sum(weights)
   return {'loss_sum': loss_sum, 'correct': correct, 'num_tokens': num_tokens}

@@ -4,18 +4,24 @@
   python scripts/benchmark.py --config configs/coco.py --mode encoder --batch_size 32 \
       --config.model.dtype=bfloat16 --config.model.encoder_weights=None
 
-Modes: `decoder` (a train step of the decoder alone on cached image embeddings), `encoder`
-(image embeddings), `train` (one end-to-end train step with images),
-`decode` (captions from images with the configured decoding method). Synthetic captions follow
+Modes: `decoder` (a train step of the decoder alone on cached image embeddings, host batches
+grouped by length and cut to `config.data.length_buckets`), `decoder_resident` (the same
+steps, `config.resident.steps_per_call` per jitted call, data resident on the devices),
+`encoder` (image embeddings), `train` (one end-to-end train step with images), `decode`
+(captions from images with the configured decoding method), `pipeline` (the tf.data input of
+the config's dataset alone: needs TensorFlow and the dataset). Synthetic captions follow
 COCO's lengths (words ~ N(10.5, 2.5), clipped, plus BOS and EOS, padded to max_len). Timing waits
 for the device and excludes compilation; FLOPs come from XLA's cost analysis of the compiled
 function, and the peak from a large matrix product timed in the same run.
 """
 
+import functools
 import json
 import pathlib
 import sys
+import tempfile
 import time
+from typing import Any, Callable, NamedTuple
 
 from absl import app
 from absl import flags
@@ -28,6 +34,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from jaxcap import decode  # pylint: disable=g-import-not-at-top
 from jaxcap import parallel  # pylint: disable=g-import-not-at-top
+from jaxcap import resident  # pylint: disable=g-import-not-at-top
 from jaxcap import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
 from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID  # pylint: disable=g-import-not-at-top
 from jaxcap.models import captioner  # pylint: disable=g-import-not-at-top
@@ -35,14 +42,17 @@ from jaxcap.models import captioner  # pylint: disable=g-import-not-at-top
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=True)
 flags.mark_flag_as_required('config')
-flags.DEFINE_enum('mode', 'train', ['decoder', 'encoder', 'train', 'decode'], 'What to time.')
+flags.DEFINE_enum('mode', 'train', ['decoder', 'decoder_resident', 'encoder', 'train', 'decode', 'pipeline'],
+                  'What to time.')
 flags.DEFINE_integer('embedding_dim', 2048, 'Image embedding size of the decoder mode (InceptionV3: 2048).')
 flags.DEFINE_integer('batch_size', None, 'Global batch (default: config.batch_size).')
 flags.DEFINE_integer('vocab_size', 10_000, 'Vocabulary size of the synthetic model.')
 flags.DEFINE_integer('max_len', None, 'Caption length (default: config.data.max_len).')
-flags.DEFINE_integer('steps', 10, 'Timed calls.')
+flags.DEFINE_integer('steps', 10, 'Timed steps (decoder_resident: rounded up to whole calls).')
 flags.DEFINE_integer('warmup', 2, 'Untimed calls first (compilation).')
+flags.DEFINE_integer('num_batches', 32, 'Decoder modes: distinct synthetic batches (x batch_size rows).')
 flags.DEFINE_integer('peak_matmul_size', 2048, 'Side of the square matrix product timed for the peak.')
+flags.DEFINE_string('workdir', None, 'pipeline mode: where the tokenizer is kept (default: a temporary folder).')
 flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
 
 # COCO captions: words per caption ~ N(mean, std), clipped to [_MIN_WORDS, max_len - 2].
@@ -60,13 +70,25 @@ def synthetic_tokens(batch_size: int, max_len: int, vocab_size: int, seed: int =
   return tokens
 
 
-def time_calls(fn, args, steps: int, warmup: int) -> float:
-  """Seconds per call, after `warmup` calls, waiting for the device each time."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
+class Workload(NamedTuple):
+  """What to time: `calls` are cycled, each runs `steps_per_call` steps of `batch_size`."""
+  calls: list[Callable[[], Any]]
+  steps_per_call: int
+  flops_per_step: float
+  # Non-padding target tokens per step (train and decoder modes).
+  tokens_per_step: float | None = None
+
+
+def time_calls(calls, steps: int, warmup: int) -> float:
+  """Seconds per call, cycling through `calls` after each has run (compiled) and `warmup`
+  more calls, waiting for the device each time."""
+  for call in calls:
+    jax.block_until_ready(call())
+  for i in range(warmup):
+    jax.block_until_ready(calls[i % len(calls)]())
   start = time.perf_counter()
-  for _ in range(steps):
-    jax.block_until_ready(fn(*args))
+  for i in range(steps):
+    jax.block_until_ready(calls[i % len(calls)]())
   return (time.perf_counter() - start) / steps
 
 
@@ -84,36 +106,93 @@ def peak_tflops(dtype, size: int) -> float:
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
   matmul = jax.jit(jnp.matmul)
-  seconds = time_calls(matmul, (a, b), steps=5, warmup=2)
+  seconds = time_calls([lambda: matmul(a, b)], steps=5, warmup=2)
   return 2 * size**3 / seconds / 1e12
 
 
-def build(config, mode: str, batch_size: int, vocab_size: int):
-  """The jitted function of `mode` and its synthetic arguments, sharded over all devices."""
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(batch_size, mesh, 'batch_size (--batch_size)')
+def _stateful(step_fn, state):
+  """A call that runs `step_fn(state, *args)` and keeps the new state (donated each time)."""
+  holder = {'state': state}
+
+  def call(*args):
+    holder['state'], *outputs = step_fn(holder['state'], *args)
+    return outputs
+  return call
+
+
+def decoder_step_flops(config, vocab_size: int, state, batch) -> float:
+  """FLOPs of a decoder step: XLA's cost analysis counts a loop body once, so the count is
+  taken from the same step with its two scans (LSTM, chunked loss) unrolled to straight code."""
+  unrolled = config.copy_and_resolve_references()
+  unrolled.model.lstm_unroll = unrolled.model.loss_chunk_steps = config.data.max_len
+  model = captioner.create_model(unrolled.model, vocab_size)
+  return flops_of(jax.jit(train_step_lib.decoder_train_step), (state.replace(apply_fn=model.apply), batch))
+
+
+def decoder_workload(config, mesh, batch_size: int, vocab_size: int, resident_steps: bool) -> Workload:
+  """Decoder steps on synthetic embeddings and COCO-like captions grouped by length."""
+  buckets = resident.check_length_buckets(config.data.length_buckets, config.data.max_len)
+  num_batches = max(FLAGS.steps, FLAGS.num_batches)
+  tokens = synthetic_tokens(batch_size * num_batches, config.data.max_len, vocab_size)
+  embedding = np.random.default_rng(1).normal(
+      size=(len(tokens), FLAGS.embedding_dim)).astype(np.float32)
+  model = captioner.create_model(config.model, vocab_size)
+  state = jax.jit(lambda key: train_step_lib.create_decoder_state(
+      config, model, key, FLAGS.embedding_dim), out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+  step = jax.jit(train_step_lib.decoder_train_step, donate_argnums=0)
+  # Host batches as a length-grouping input pipeline makes them.
+  grouped = np.argsort(resident.bucket_index(tokens, buckets), kind='stable').reshape(num_batches, batch_size)
+  batches = [parallel.shard_batch(resident.trim_to_bucket(
+      {'embedding': embedding[rows], 'tokens': tokens[rows]}, buckets), mesh) for rows in grouped]
+  flops = np.mean([decoder_step_flops(config, vocab_size, state, batch) for batch in batches])
+  tokens_per_step = float((tokens[:, 1:] != PAD_ID).sum()) / num_batches
+  if not resident_steps:
+    run = _stateful(step, state)
+    return Workload([functools.partial(run, batch) for batch in batches], 1, flops, tokens_per_step)
+  steps_per_call = config.resident.steps_per_call
+  per_shard_batch = batch_size // mesh.size
+  data = resident.place(embedding, tokens, np.arange(len(tokens)), buckets, mesh)
+  order = resident.first_order(data, per_shard_batch)
+  seed_key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
+  train_steps = resident.jit_train_steps(buckets, per_shard_batch, steps_per_call)
+  holder = {'state': state, 'order': order}
+
+  def call():
+    holder['state'], holder['order'], metrics = train_steps(holder['state'], holder['order'], data, seed_key)
+    return metrics
+  return Workload([call], steps_per_call, flops, tokens_per_step)
+
+
+def image_workload(config, mesh, mode: str, batch_size: int, vocab_size: int) -> Workload:
+  """Encoder, end-to-end train step or decoding on synthetic images."""
   model = captioner.create_model(config.model, vocab_size)
   tokens = synthetic_tokens(batch_size, config.data.max_len, vocab_size)
-  if mode == 'decoder':
-    state = jax.jit(lambda key: train_step_lib.create_decoder_state(
-        config, model, key, FLAGS.embedding_dim), out_shardings=parallel.replicated(mesh))(jax.random.key(0))
-    batch = parallel.shard_batch({
-        'embedding': np.random.default_rng(1).normal(size=(batch_size, FLAGS.embedding_dim)).astype(np.float32),
-        'tokens': tokens}, mesh)
-    return jax.jit(train_step_lib.decoder_train_step), (state, batch)
   state = jax.jit(lambda key: train_step_lib.create_train_state(config, model, key),
                   out_shardings=parallel.replicated(mesh))(jax.random.key(0))
   size = config.data.image_size
   batch = parallel.shard_batch({
       'image': np.random.default_rng(1).uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
       'tokens': tokens}, mesh)
-  if mode == 'encoder':
-    return jax.jit(lambda s, images: s.apply_fn(s.variables, images, method='encode')), (state, batch['image'])
   if mode == 'train':
-    return jax.jit(train_step_lib.train_step), (state, batch)  # Not donated: reused each call.
-  return jax.jit(lambda s, images: decode.decode(
-      s.apply_fn, s.variables, images, config.data.max_len, config.decode,
-      jax.random.key(0))), (state, batch['image'])
+    step = jax.jit(train_step_lib.train_step, donate_argnums=0)
+    flops = flops_of(step, (state, batch))
+    return Workload([functools.partial(_stateful(step, state), batch)], 1, flops,
+                    float((tokens[:, 1:] != PAD_ID).sum()))
+  if mode == 'encoder':
+    fn = jax.jit(lambda s, images: s.apply_fn(s.variables, images, method='encode'))
+  else:
+    fn = jax.jit(lambda s, images: decode.decode(
+        s.apply_fn, s.variables, images, config.data.max_len, config.decode, jax.random.key(0)))
+  return Workload([functools.partial(fn, state, batch['image'])], 1, flops_of(fn, (state, batch['image'])))
+
+
+def pipeline_workload(config, batch_size: int) -> Workload:
+  """The training input pipeline alone (TensorFlow is imported here only): the dataset is
+  built or found as training would, the tokenizer kept in --workdir."""
+  from jaxcap.data import prepare  # pylint: disable=g-import-not-at-top
+  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='jaxcap_benchmark_')
+  batches = prepare.train_batches(prepare.prepare(config, workdir), config, batch_size)
+  return Workload([lambda: next(batches)], 1, 0.0)
 
 
 def main(argv):
@@ -123,24 +202,37 @@ def main(argv):
   if FLAGS.max_len:
     config.data.max_len = FLAGS.max_len
   batch_size = FLAGS.batch_size or config.batch_size
-  size = config.data.image_size
-  fn, args = build(config, FLAGS.mode, batch_size, FLAGS.vocab_size)
-  batch_tokens = synthetic_tokens(batch_size, config.data.max_len, FLAGS.vocab_size)
-  flops = flops_of(fn, args)
-  seconds = time_calls(fn, args, FLAGS.steps, FLAGS.warmup)
-  peak_dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
-  peak = peak_tflops(peak_dtype, FLAGS.peak_matmul_size) * jax.device_count()
-  achieved = flops / seconds / 1e12
-  results = {
-      'mode': FLAGS.mode, 'steps_per_sec': 1 / seconds, 'examples_per_sec': batch_size / seconds,
-      'flops_per_step': flops, 'achieved_tflops': achieved, 'peak_tflops': peak,
-      'mfu': achieved / peak if peak else 0.0,
-      'batch_size': batch_size, 'vocab_size': FLAGS.vocab_size, 'max_len': config.data.max_len,
-      'image_size': size, 'encoder': config.model.encoder, 'dtype': config.model.dtype,
-      'decode': config.decode.to_dict(), 'device_kind': jax.devices()[0].device_kind,
-      'device_count': jax.device_count(), 'jax_version': jax.__version__}
-  if FLAGS.mode in ('train', 'decoder'):
-    results['tokens_per_sec'] = float((batch_tokens[:, 1:] != PAD_ID).sum()) / seconds
+  mode = FLAGS.mode
+  if mode == 'pipeline':
+    workload = pipeline_workload(config, batch_size)
+  else:
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(batch_size, mesh, 'batch_size (--batch_size)')
+    if mode in ('decoder', 'decoder_resident'):
+      workload = decoder_workload(config, mesh, batch_size, FLAGS.vocab_size, mode == 'decoder_resident')
+    else:
+      workload = image_workload(config, mesh, mode, batch_size, FLAGS.vocab_size)
+  calls = -(-FLAGS.steps // workload.steps_per_call)
+  warmup = -(-FLAGS.warmup // workload.steps_per_call)
+  seconds = time_calls(workload.calls, calls, warmup) / workload.steps_per_call
+  results = {'mode': mode, 'steps_per_sec': 1 / seconds, 'examples_per_sec': batch_size / seconds,
+             'batch_size': batch_size, 'max_len': config.data.max_len, 'dtype': config.model.dtype,
+             'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+             'jax_version': jax.__version__}
+  if mode != 'pipeline':
+    peak_dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
+    peak = peak_tflops(peak_dtype, FLAGS.peak_matmul_size) * jax.device_count()
+    achieved = workload.flops_per_step / seconds / 1e12
+    results.update({
+        'flops_per_step': workload.flops_per_step, 'achieved_tflops': achieved, 'peak_tflops': peak,
+        'mfu': achieved / peak if peak else 0.0, 'vocab_size': FLAGS.vocab_size,
+        'image_size': config.data.image_size, 'encoder': config.model.encoder,
+        'decode': config.decode.to_dict()})
+  if mode in ('decoder', 'decoder_resident'):
+    results.update({'length_buckets': list(config.data.length_buckets),
+                    'steps_per_call': workload.steps_per_call, 'embedding_dim': FLAGS.embedding_dim})
+  if workload.tokens_per_step is not None:
+    results['tokens_per_sec'] = workload.tokens_per_step / seconds
   print(json.dumps(results, indent=1))
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:

@@ -41,18 +41,37 @@ def _jit_step(mesh):
                  donate_argnums=0)
 
 
-def test_loss_falls_when_overfitting_one_batch(config):
+def _overfit_losses(config, steps=60):
   config.optimizer.learning_rate = 1e-2
-  config.num_train_steps = 60
+  config.num_train_steps = steps
   mesh = parallel.make_mesh(jax.devices()[:1])
   state, step = _state(config, mesh), _jit_step(mesh)
   batch = parallel.shard_batch(_random_batch(config, 8), mesh)
   losses = []
-  for _ in range(60):
+  for _ in range(steps):
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
+  assert int(state.step) == steps
+  return np.array(losses), state
+
+
+def test_loss_falls_when_overfitting_one_batch(config):
+  losses, _ = _overfit_losses(config)
   assert losses[-1] < 0.3 * losses[0], losses
-  assert int(state.step) == 60
+
+
+def test_bfloat16_compute_tracks_float32(config):
+  """bf16 compute, float32 parameters and optimizer state: the same loss curve within bf16
+  rounding."""
+  float32_losses, _ = _overfit_losses(config)
+  config.model.dtype = 'bfloat16'
+  bfloat16_losses, state = _overfit_losses(config)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.opt_state)
+             if jnp.issubdtype(leaf.dtype, jnp.floating))
+  np.testing.assert_allclose(bfloat16_losses[:5], float32_losses[:5], rtol=2e-2)
+  assert abs(bfloat16_losses[-1] - float32_losses[-1]) < 0.05 * float32_losses[0], (
+      bfloat16_losses[-1], float32_losses[-1])
 
 
 def test_padding_does_not_change_the_loss(config):

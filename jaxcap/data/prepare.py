@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import time
+from typing import Iterator
 
+import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
 from jaxcap.data import coco_local
@@ -29,8 +33,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
   data = config.data
   builder = input_pipeline.get_builder(data)
   train_captions = input_pipeline.read_captions(builder, data.train_split)
-  tokenizer = tokenizer_lib.load_or_train(
-      workdir, train_captions.all_texts, data.vocab_size, data.tokenizer_type)
+  # Process 0 trains the tokenizer; the others wait for it and load the same file.
+  if jax.process_index() == 0:
+    tokenizer = tokenizer_lib.load_or_train(
+        workdir, train_captions.all_texts, data.vocab_size, data.tokenizer_type)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('jaxcap: tokenizer written')
+  if jax.process_index() != 0:
+    tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(workdir, tokenizer_lib.MODEL_FILENAME))
   return PreparedData(builder, tokenizer, train_captions)
 
 
@@ -56,14 +66,20 @@ def skipped_by_split(builder: tfds.core.DatasetBuilder) -> dict[str, collections
   return counts
 
 
-def input_images_per_sec(prepared: PreparedData, config: ml_collections.ConfigDict,
-                         num_batches: int) -> float:
-  """Images/s of the training input pipeline alone, after one warm-up batch."""
+def train_batches(prepared: PreparedData, config: ml_collections.ConfigDict,
+                  batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """Numpy training batches of the input pipeline alone (one process's view)."""
   table = input_pipeline.TokenTable.build(prepared.train_captions, prepared.tokenizer,
                                           config.data.max_len)
   ds = input_pipeline.train_dataset(prepared.builder, config.data.train_split, table, config.data,
-                                    batch_size=config.batch_size, seed=config.seed)
-  batches = ds.as_numpy_iterator()
+                                    batch_size=batch_size, seed=config.seed)
+  return ds.as_numpy_iterator()
+
+
+def input_images_per_sec(prepared: PreparedData, config: ml_collections.ConfigDict,
+                         num_batches: int) -> float:
+  """Images/s of the training input pipeline alone, after one warm-up batch."""
+  batches = train_batches(prepared, config, config.batch_size)
   next(batches)
   start = time.perf_counter()
   for _ in range(num_batches):

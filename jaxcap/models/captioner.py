@@ -11,7 +11,7 @@ from jaxcap.models import decoder as decoder_lib
 from jaxcap.models import encoders
 from jaxcap.models import inception_v3
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class Captioner(nn.Module):
@@ -34,6 +34,16 @@ class Captioner(nn.Module):
     """Teacher-forced logits from precomputed embeddings (evaluation, cached features)."""
     return self.decoder(image_embedding, input_tokens)
 
+  def loss_sums(self, images: jnp.ndarray, input_tokens: jnp.ndarray, targets: jnp.ndarray,
+                weights: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Teacher-forced sums of weighted cross-entropy and correct argmaxes, no logits tensor."""
+    return self.decoder.loss_sums(self.encode(images, train), input_tokens, targets, weights)
+
+  def caption_loss_sums(self, image_embedding: jnp.ndarray, input_tokens: jnp.ndarray,
+                        targets: jnp.ndarray, weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`loss_sums` from precomputed embeddings (cached features, evaluation)."""
+    return self.decoder.loss_sums(image_embedding, input_tokens, targets, weights)
+
   def initial_state(self, image_embedding: jnp.ndarray) -> decoder_lib.Carry:
     return self.decoder.initial_state(image_embedding)
 
@@ -43,13 +53,15 @@ class Captioner(nn.Module):
 
 def create_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Captioner:
   """The captioner described by `config.model`, for a tokenizer of `vocab_size` ids."""
-  if model_config.dtype not in _DTYPES:
-    raise ValueError(f'config.model.dtype={model_config.dtype!r} is not one of {sorted(_DTYPES)}')
-  dtype = _DTYPES[model_config.dtype]
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f'config.model.dtype={model_config.dtype!r} is not one of {sorted(DTYPES)}')
+  dtype = DTYPES[model_config.dtype]
   decoder = decoder_lib.Decoder(
       vocab_size=vocab_size, embed_dim=model_config.embed_dim, lstm_size=model_config.lstm_size,
       image_bottleneck=model_config.image_bottleneck,
-      logit_bottleneck=model_config.logit_bottleneck, dtype=dtype)
+      logit_bottleneck=model_config.logit_bottleneck,
+      loss_chunk_steps=model_config.loss_chunk_steps, lstm_unroll=model_config.lstm_unroll,
+      dtype=dtype)
   return Captioner(encoder=encoders.create_encoder(model_config, dtype), decoder=decoder,
                    train_encoder=model_config.train_encoder)
 

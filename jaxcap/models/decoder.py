@@ -2,6 +2,10 @@
 
 image embedding -> Dense bottleneck (elu) -> Dense to the LSTM size (elu) = the LSTM's initial
 c and h; word embedding -> LSTM (nn.RNN, a scan under jit) -> Dense bottleneck (elu) -> logits.
+
+The LSTM's input half of the gates is one matrix product over every time step before the scan,
+so the scan only carries the recurrent product. Training never builds the (B, T, vocab) logits:
+`loss_sums` projects and scores a few time steps at a time (`softmax_loss`).
 """
 
 from __future__ import annotations
@@ -9,9 +13,60 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from jaxcap.models import softmax_loss
+
 Carry = tuple[jnp.ndarray, jnp.ndarray]  # (c, h)
+
+
+class RecurrentLSTMCell(nn.RNNCellBase):
+  """An LSTM cell whose inputs are the input half of its gates (i, f, g, o), precomputed."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, carry: Carry, input_gates: jnp.ndarray) -> tuple[Carry, jnp.ndarray]:
+    c, h = carry
+    gates = input_gates + nn.Dense(4 * self.features, use_bias=False, dtype=self.dtype,
+                                   kernel_init=nn.initializers.orthogonal(), name='recurrent')(h)
+    input_gate, forget_gate, cell_input, output_gate = jnp.split(gates, 4, axis=-1)
+    c = nn.sigmoid(forget_gate) * c + nn.sigmoid(input_gate) * jnp.tanh(cell_input)
+    h = nn.sigmoid(output_gate) * jnp.tanh(c)
+    return (c, h), h
+
+  @nn.nowrap
+  def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> Carry:
+    zeros = jnp.zeros((*input_shape[:-1], self.features), self.dtype)
+    return zeros, zeros
+
+  @property
+  def num_feature_axes(self) -> int:
+    return 1
+
+
+class LogitsProjection(nn.Module):
+  """Dense(vocab) that can also score targets without materialising the logits."""
+  vocab_size: int
+  features_in: int
+  # Time steps projected at a time by `loss_sums`.
+  loss_chunk_steps: int = 1
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.kernel = self.param('kernel', nn.initializers.lecun_normal(), (self.features_in, self.vocab_size))
+    self.bias = self.param('bias', nn.initializers.zeros_init(), (self.vocab_size,))
+
+  def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
+    logits = features.astype(self.dtype) @ self.kernel.astype(self.dtype)
+    return logits.astype(jnp.float32) + self.bias
+
+  def loss_sums(self, features: jnp.ndarray, targets: jnp.ndarray,
+                weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Sums of weighted token cross-entropy and of weighted correct argmaxes, over (B, T)."""
+    return softmax_loss.projected_cross_entropy(
+        features.astype(self.dtype), self.kernel, self.bias, targets, weights, self.loss_chunk_steps)
 
 
 class Decoder(nn.Module):
@@ -20,15 +75,22 @@ class Decoder(nn.Module):
   lstm_size: int = 300
   image_bottleneck: int = 120
   logit_bottleneck: int = 120
+  loss_chunk_steps: int = 1
+  # Time steps per iteration of the LSTM's scan (1: a plain loop).
+  lstm_unroll: int = 1
   dtype: Any = jnp.float32
 
   def setup(self):
     self.image_to_bottleneck = nn.Dense(self.image_bottleneck, dtype=self.dtype)
     self.bottleneck_to_state = nn.Dense(self.lstm_size, dtype=self.dtype)
     self.word_embedding = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
-    self.lstm = nn.RNN(nn.OptimizedLSTMCell(self.lstm_size, dtype=self.dtype), return_carry=True)
+    self.embedding_to_gates = nn.Dense(4 * self.lstm_size, dtype=self.dtype)
+    self.lstm = nn.RNN(RecurrentLSTMCell(self.lstm_size, dtype=self.dtype), return_carry=True,
+                       unroll=self.lstm_unroll)
     self.lstm_to_bottleneck = nn.Dense(self.logit_bottleneck, dtype=self.dtype)
-    self.bottleneck_to_logits = nn.Dense(self.vocab_size, dtype=self.dtype)
+    self.bottleneck_to_logits = LogitsProjection(
+        self.vocab_size, features_in=self.logit_bottleneck,
+        loss_chunk_steps=self.loss_chunk_steps, dtype=self.dtype)
 
   def initial_state(self, image_embedding: jnp.ndarray) -> Carry:
     """The LSTM's initial (c, h), both the projected image embedding."""
@@ -36,17 +98,24 @@ class Decoder(nn.Module):
     state = nn.elu(self.bottleneck_to_state(bottleneck))
     return state, state
 
-  def logits(self, lstm_outputs: jnp.ndarray) -> jnp.ndarray:
-    bottleneck = nn.elu(self.lstm_to_bottleneck(lstm_outputs))
-    return self.bottleneck_to_logits(bottleneck).astype(jnp.float32)
+  def _lstm(self, carry: Carry, tokens: jnp.ndarray) -> tuple[Carry, jnp.ndarray]:
+    """(B, T) ids -> final carry and (B, T, logit_bottleneck) features of the next-id logits."""
+    input_gates = self.embedding_to_gates(self.word_embedding(tokens))
+    carry, lstm_outputs = self.lstm(input_gates, initial_carry=carry)
+    return carry, nn.elu(self.lstm_to_bottleneck(lstm_outputs))
 
   def __call__(self, image_embedding: jnp.ndarray, input_tokens: jnp.ndarray) -> jnp.ndarray:
     """Teacher forcing: (B, D) embeddings, (B, T) input ids -> (B, T, vocab) float32 logits."""
-    carry = self.initial_state(image_embedding)
-    _, lstm_outputs = self.lstm(self.word_embedding(input_tokens), initial_carry=carry)
-    return self.logits(lstm_outputs)
+    _, features = self._lstm(self.initial_state(image_embedding), input_tokens)
+    return self.bottleneck_to_logits(features)
+
+  def loss_sums(self, image_embedding: jnp.ndarray, input_tokens: jnp.ndarray,
+                targets: jnp.ndarray, weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Teacher forcing, scored: sums of weighted cross-entropy and correct argmaxes."""
+    _, features = self._lstm(self.initial_state(image_embedding), input_tokens)
+    return self.bottleneck_to_logits.loss_sums(features, targets, weights)
 
   def step(self, carry: Carry, tokens: jnp.ndarray) -> tuple[Carry, jnp.ndarray]:
     """One decoding step: (B,) ids -> new carry and (B, vocab) logits of the next id."""
-    carry, lstm_outputs = self.lstm(self.word_embedding(tokens)[:, None], initial_carry=carry)
-    return carry, self.logits(lstm_outputs[:, 0])
+    carry, features = self._lstm(carry, tokens[:, None])
+    return carry, self.bottleneck_to_logits(features[:, 0])

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import h5py
