@@ -69,23 +69,26 @@ class SplitResult:
 
 def evaluate_split(
     batches: Iterable[dict[str, np.ndarray]],
-    eval_fn: Callable[[dict[str, np.ndarray]], tuple[dict[str, jax.Array], jax.Array]],
+    eval_fn: Callable[[dict[str, np.ndarray]], tuple[dict[str, jax.Array], ...]],
     tokenizer: tokenizer_lib.Tokenizer,
     references: Mapping[int, Sequence[str]],
     scene_accuracy_fn: Callable[[Sequence[str], Sequence[Sequence[str]]], float] | None = None,
 ) -> SplitResult:
-  """Runs `eval_fn` (loss sums and greedy ids of a batch) over a split and scores it."""
+  """Runs `eval_fn` over a split and scores it.
+
+  `eval_fn(batch)` returns the global batch's loss sums, generated ids, image ids and mask (every
+  process's rows, gathered), so each process scores the whole split.
+  """
   start = time.perf_counter()
   totals = {'loss_sum': 0.0, 'correct': 0.0, 'num_tokens': 0.0}
   generated: dict[int, str] = {}
   for batch in batches:
-    sums, tokens = eval_fn(batch)
-    sums, tokens = jax.device_get((sums, tokens))
+    sums, tokens, image_ids, mask = jax.device_get(eval_fn(batch))
     for key in totals:
       totals[key] += float(sums[key])
-    real = batch['mask'] > 0
+    real = np.asarray(mask) > 0
     texts = tokenizer.decode(np.asarray(tokens)[real])
-    generated.update(zip(batch['image/id'][real].tolist(), texts))
+    generated.update(zip(np.asarray(image_ids)[real].tolist(), texts))
   elapsed = time.perf_counter() - start
   num_tokens = max(totals['num_tokens'], 1.0)
   metrics = {'loss': totals['loss_sum'] / num_tokens,
@@ -108,15 +111,18 @@ def log_examples(result: SplitResult, references: Mapping[int, Sequence[str]], c
 
 
 def make_eval_fn(config: ml_collections.ConfigDict, mesh, state_sharding):
-  """Jitted (state, batch) -> (loss sums, caption ids by `config.decode`), batch on 'data'."""
+  """Jitted (state, batch) -> (loss sums, caption ids by `config.decode`, image ids, mask).
+
+  The batch is split along 'data' over every process; the outputs are replicated, so each
+  process receives every process's captions.
+  """
   def eval_fn(state, batch):
     sums = train_step_lib.eval_step(state, batch)
     tokens = decode.decode(state.apply_fn, state.variables, batch['image'], config.data.max_len,
                            config.decode, jax.random.key(config.seed))
-    return sums, tokens
-  return jax.jit(eval_fn,
-                 in_shardings=(state_sharding, parallel.data_sharding(mesh)),
-                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+    return sums, tokens, batch['image/id'], batch['mask']
+  return jax.jit(eval_fn, in_shardings=(state_sharding, parallel.data_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
 
 
 class SplitEvaluator:
@@ -143,7 +149,9 @@ class SplitEvaluator:
     ds = input_pipeline.eval_dataset(
         self.builder, split, table, self.config.data, batch_size=self.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())
-    batches = input_pipeline.eval_batches(ds, self.batch_size)
+    # Every process runs the same number of batches (the collective calls must match).
+    per_process = -(-self.builder.info.splits[split].num_examples // jax.process_count())
+    batches = input_pipeline.eval_batches(ds, self.batch_size, -(-per_process // self.batch_size))
     scene = shapes.scene_accuracy if self.config.data.name == 'shapes_captions' else None
     return evaluate_split(batches, lambda b: self.eval_fn(state, parallel.shard_batch(b, self.mesh)),
                           self.tokenizer, references, scene)

@@ -7,6 +7,7 @@ data-parallel train step wants, whatever default `jax.make_mesh` has in the inst
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import jax
@@ -14,6 +15,39 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
+
+
+# Cluster managers whose environment says "several processes": jax.distributed finds its
+# coordinator there by itself.
+_CLUSTER_SIZE_VARIABLES = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
+
+
+def _cluster_detected() -> bool:
+  several = any(int(os.environ.get(name, '1') or 1) > 1 for name in _CLUSTER_SIZE_VARIABLES)
+  tpu_hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  return several or ',' in tpu_hosts
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Joins the processes of a multi-host run with `jax.distributed.initialize`.
+
+  Explicit arguments win; otherwise JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID; otherwise Cloud TPU, SLURM and Open MPI are detected by JAX. A single
+  process with none of these does nothing. Returns whether the runtime was initialised.
+  """
+  coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if num_processes is None and os.environ.get('JAX_NUM_PROCESSES'):
+    num_processes = int(os.environ['JAX_NUM_PROCESSES'])
+  if process_id is None and os.environ.get('JAX_PROCESS_ID'):
+    process_id = int(os.environ['JAX_PROCESS_ID'])
+  if coordinator_address is None and num_processes is None and not _cluster_detected():
+    return False
+  # CPU-only processes (tests, CPU clusters) exchange collectives over gloo.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return True
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -6,14 +6,14 @@ again on the same workdir resumes from the latest checkpoint with the saved toke
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import logging
 import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -24,6 +24,7 @@ from jaxcap import checkpoint
 from jaxcap import evaluate
 from jaxcap import inference
 from jaxcap import parallel
+from jaxcap import resident
 from jaxcap import train_step as train_step_lib
 from jaxcap.data import input_pipeline
 from jaxcap.data import prepare
@@ -40,7 +41,7 @@ class NonFiniteLossError(FloatingPointError):
 # Fields that a resumed run may not change: they change the parameters, the optimizer state or
 # what the tokens mean. Other fields (steps, intervals, learning rate, ...) may change.
 _RESUME_LOCKED_PREFIXES = ('model.', 'data.name', 'data.vocab_size', 'data.tokenizer_type',
-                           'data.shapes.', 'data.coco_dir', 'optimizer.name')
+                           'data.shapes.', 'data.coco_dir', 'optimizer.name', 'features.enabled')
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -68,10 +69,14 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
 
 
 def _raise_if_nonfinite(unchecked: list[tuple[int, jax.Array]], manager) -> None:
-  """Fetches the pending per-step finite flags (one small sync) and stops at the first bad one."""
+  """Fetches the pending finite flags (one small sync) and stops at the first bad step.
+
+  Each entry is (first step of a call, that call's per-step flags)."""
   flags = jax.device_get([finite for _, finite in unchecked])
-  for (step, _), finite in zip(unchecked, flags):
-    if not finite:
+  for (first_step, _), call_flags in zip(unchecked, flags):
+    bad = np.flatnonzero(~np.asarray(call_flags, bool))
+    if bad.size:
+      step = first_step + int(bad[0])
       raise NonFiniteLossError(
           f'non-finite loss or gradient at step {step}; nothing after it was saved. Last good '
           f'checkpoint: step {manager.latest_step()} in {manager.directory}')
@@ -87,6 +92,109 @@ def _format_duration(seconds: float) -> str:
 def _append_jsonl(path: str, record: dict[str, Any]) -> None:
   with open(path, 'a') as f:
     f.write(json.dumps(record) + '\n')
+
+
+@dataclasses.dataclass
+class _Trainer:
+  """What the loop drives: the state it trains and checkpoints, and how to advance it."""
+  state: train_step_lib.TrainState
+  # (state, first step, steps) -> (state, metrics with a leading axis of `steps`).
+  run: Callable[[train_step_lib.TrainState, int, int], tuple[train_step_lib.TrainState, Any]]
+  steps_per_call: int
+  # A full-model (encoder + decoder) state for evaluation.
+  full_state: Callable[[train_step_lib.TrainState], train_step_lib.TrainState]
+
+
+def _streaming_trainer(config, prepared, train_table, state, mesh, batch_size: int) -> _Trainer:
+  """One jitted step per host batch of images (tf.data)."""
+  state_sharding = parallel.replicated(mesh)
+  # Batches are a pure function of (seed, step): a resumed run continues the same sequence.
+  batches = input_pipeline.train_dataset(
+      prepared.builder, config.data.train_split, train_table, config.data, batch_size=batch_size,
+      seed=config.seed, start_step=int(state.step), process_index=jax.process_index(),
+      process_count=jax.process_count()).as_numpy_iterator()
+  step_fn = jax.jit(lambda s, b: _stack(train_step_lib.train_step(s, b)),
+                    in_shardings=(state_sharding, parallel.data_sharding(mesh)),
+                    out_shardings=(state_sharding, state_sharding), donate_argnums=0)
+
+  def run(state, first_step, num_steps):
+    del first_step, num_steps  # Always one.
+    return step_fn(state, parallel.shard_batch(next(batches), mesh))
+  return _Trainer(state, run, 1, lambda s: s)
+
+
+def _stack(outputs):
+  state, metrics = outputs
+  return state, jax.tree.map(lambda x: x[None], metrics)
+
+
+def _resident_trainer(config, workdir, prepared, train_table, full_state, model, mesh,
+                      manager) -> _Trainer:
+  """The decoder alone on cached embeddings resident on the devices, K steps per call."""
+  from jaxcap.data import feature_cache  # pylint: disable=g-import-not-at-top
+  if config.model.train_encoder:
+    raise ValueError('config.features.enabled=True trains on cached embeddings of a frozen '
+                     'encoder: set config.model.train_encoder=False')
+  cached = feature_cache.extract(prepared.builder, config.data.train_split, config, full_state,
+                                 mesh, feature_cache_dir(config, workdir))
+  rows = np.flatnonzero(np.arange(train_table.tokens.shape[1])[None] < train_table.counts[:, None])
+  image_rows, caption_rows = np.divmod(rows, train_table.tokens.shape[1])
+  table_row_of_image = {image_id: i for i, image_id in enumerate(train_table.image_ids.tolist())}
+  cache_index = np.array([table_row_of_image[i] for i in cached.image_ids.tolist()])
+  image_of_table_row = np.empty(len(cache_index), np.int64)
+  image_of_table_row[cache_index] = np.arange(len(cache_index))
+  buckets = resident.check_length_buckets(config.data.length_buckets, config.data.max_len)
+  dtype = captioner.DTYPES[config.model.dtype]
+  data = resident.place(cached.embedding, train_table.tokens[image_rows, caption_rows],
+                        image_of_table_row[image_rows], buckets, mesh, dtype)
+  logging.info('Resident training data: %d captions of %d images, %s embeddings, on %d devices',
+               data.tokens.shape[0] * data.tokens.shape[1], len(cached.image_ids), config.model.dtype, mesh.size)
+  per_shard_batch = config.batch_size // mesh.size
+  if data.tokens.shape[1] < per_shard_batch:
+    raise ValueError(f'config.batch_size={config.batch_size} is larger than the '
+                     f'{data.tokens.shape[1] * mesh.size} cached training captions')
+
+  state = inference.initial_decoder_state(config, model, mesh, cached.embedding.shape[1])
+  state = checkpoint.restore_latest(manager, state)
+  seed_key = jax.device_put(jax.random.key(config.seed), parallel.replicated(mesh))
+  holder = {'order': resident.first_order(data, per_shard_batch)}
+  compiled: dict[int, Callable] = {}
+
+  def run(state, first_step, num_steps):
+    del first_step  # The state's own step picks the batches.
+    if num_steps not in compiled:
+      compiled[num_steps] = resident.jit_train_steps(buckets, per_shard_batch, num_steps)
+    state, holder['order'], metrics = compiled[num_steps](state, holder['order'], data, seed_key)
+    return state, metrics
+
+  def full(decoder_state):
+    return full_state.replace(params={**full_state.params, 'decoder': decoder_state.params['decoder']})
+  return _Trainer(state, run, config.resident.steps_per_call, full)
+
+
+def feature_cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.features.cache_dir or os.path.join(workdir, 'features')
+
+
+def extract_features(config: ml_collections.ConfigDict, workdir: str,
+                     splits: Sequence[str]) -> dict[str, Any]:
+  """Fills the feature cache of `splits` with the config's (frozen) encoder, as training would;
+  returns each split's cached features. Complete, current caches are only read."""
+  from jaxcap.data import feature_cache  # pylint: disable=g-import-not-at-top
+  encoder_weights = captioner.load_encoder_weights(config.model)
+  prepared = prepare.prepare(config, workdir)
+  mesh = parallel.make_mesh()
+  model = captioner.create_model(config.model, prepared.tokenizer.vocab_size)
+  full_state = inference.initial_state(config, model, mesh, encoder_weights)
+  return {split: feature_cache.extract(prepared.builder, split, config, full_state, mesh,
+                                       feature_cache_dir(config, workdir)) for split in splits}
+
+
+def _check_intervals(config: ml_collections.ConfigDict, steps_per_call: int) -> None:
+  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
+    if config[field] % steps_per_call:
+      raise ValueError(f'config.{field}={config[field]} is not a multiple of '
+                       f'config.resident.steps_per_call={steps_per_call}')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
@@ -116,37 +224,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Model and state, replicated over the mesh.
   model = captioner.create_model(config.model, tokenizer.vocab_size)
   state_sharding = parallel.replicated(mesh)
-  init_fn = jax.jit(functools.partial(train_step_lib.create_train_state, config, model),
-                    out_shardings=state_sharding)
-  state = init_fn(jax.random.key(config.seed))
+  full_state = inference.initial_state(config, model, mesh, encoder_weights)
+  if encoder_weights is not None:
+    logging.info('Encoder weights from %s', config.model.encoder_weights)
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
-  state = checkpoint.restore_latest(manager, state)
+  if config.features.enabled:
+    trainer = _resident_trainer(config, workdir, prepared, train_table, full_state, model, mesh, manager)
+    _check_intervals(config, trainer.steps_per_call)
+  else:
+    state = checkpoint.restore_latest(manager, full_state)
+    trainer = _streaming_trainer(config, prepared, train_table, state, mesh, batch_size)
+  state = trainer.state
   start_step = int(state.step)
   if start_step:
     logging.info('Resumed from the checkpoint of step %d in %s', start_step, workdir)
-  elif encoder_weights is not None:
-    state = jax.jit(train_step_lib.with_encoder_variables, out_shardings=state_sharding)(
-        state, encoder_weights)
-    logging.info('Encoder weights from %s', config.model.encoder_weights)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('Model: %s encoder, %.2fM parameters', config.model.encoder, num_params / 1e6)
-
-  # The input order depends on the seed and the step training starts from.
-  train_seed = config.seed * 1_000_003 + start_step
-  train_iter = input_pipeline.train_dataset(
-      builder, data.train_split, train_table, data, batch_size=batch_size, seed=train_seed,
-      process_index=jax.process_index(), process_count=jax.process_count()).as_numpy_iterator()
-
-  p_train_step = jax.jit(train_step_lib.train_step,
-                         in_shardings=(state_sharding, parallel.data_sharding(mesh)),
-                         out_shardings=(state_sharding, parallel.replicated(mesh)),
-                         donate_argnums=0)
+  logging.info('Model: %s encoder%s, %.2fM parameters trained', config.model.encoder,
+               ' (cached embeddings)' if config.features.enabled else '', num_params / 1e6)
   evaluator = evaluate.SplitEvaluator(builder, tokenizer, config, mesh, state_sharding)
 
   def run_evaluation(step: int, splits) -> dict[str, dict[str, float]]:
     results = {}
     for split in splits:
-      result = evaluator(state, split)
+      result = evaluator(trainer.full_state(state), split)
       metrics = result.metrics
       logging.info('Eval %s at step %d: %s', split, step,
                    ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
@@ -172,13 +272,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   previous_handler = (signal.signal(signal.SIGTERM, lambda *_: preempted.set())
                       if in_main_thread else None)
   try:
-    for step in range(start_step + 1, config.num_train_steps + 1):
-      batch = parallel.shard_batch(next(train_iter), mesh)
-      state, metrics = p_train_step(state, batch)
-      unchecked_finite.append((step, metrics.pop('finite')))
+    step, first_call = start_step, True
+    while step < config.num_train_steps:
+      # Calls end on multiples of steps_per_call (so on every log/eval/checkpoint step).
+      num_steps = min(trainer.steps_per_call - step % trainer.steps_per_call,
+                      config.num_train_steps - step)
+      state, metrics = trainer.run(state, step + 1, num_steps)
+      unchecked_finite.append((step + 1, metrics.pop('finite')))
       pending_metrics.append(metrics)
+      step += num_steps
       is_last = step == config.num_train_steps
-      if step == start_step + 1:  # Keep compilation out of steps/s.
+      if first_call:  # Keep compilation out of steps/s.
+        first_call = False
         jax.block_until_ready(metrics)
         logging.info('First step (compilation included) took %.1f s',
                      time.perf_counter() - interval_start)
@@ -186,15 +291,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       if step % config.log_every_steps == 0 or is_last:
         _raise_if_nonfinite(unchecked_finite, manager)
-        fetched = jax.device_get(pending_metrics)
+        fetched = {k: np.concatenate([m[k] for m in jax.device_get(pending_metrics)])
+                   for k in pending_metrics[0]}
         pending_metrics = []
         elapsed = time.perf_counter() - interval_start
-        weights = np.array([m['num_tokens'] for m in fetched])
+        weights = fetched['num_tokens']
         summary = {
-            'train_loss': float(np.average([m['loss'] for m in fetched], weights=weights)),
-            'train_token_accuracy': float(np.average([m['token_accuracy'] for m in fetched],
-                                                     weights=weights)),
-            'grad_norm': float(np.mean([m['grad_norm'] for m in fetched])),
+            'train_loss': float(np.average(fetched['loss'], weights=weights)),
+            'train_token_accuracy': float(np.average(fetched['token_accuracy'], weights=weights)),
+            'grad_norm': float(np.mean(fetched['grad_norm'])),
             'learning_rate': float(schedule(step - 1)),
         }
         speed = ''
@@ -206,6 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           speed = (f' | {steps_per_sec:.2f} steps/s | {steps_per_sec * config.batch_size:.0f} '
                    f'examples/s | ETA {eta}')
         writer.write_scalars(step, summary)
+        if is_chief:
+          _append_jsonl(os.path.join(workdir, METRICS_FILENAME), {'step': step, 'split': 'train', **summary})
         logging.info('step %d/%d | loss %.4f | token acc %.3f%s', step, config.num_train_steps,
                      summary['train_loss'], summary['train_token_accuracy'], speed)
         interval_start, interval_first_step = time.perf_counter(), step

@@ -9,7 +9,6 @@ gets a one-line error on stderr; the others are still captioned, and the exit co
 
 import json
 import logging as std_logging
-import os
 import pathlib
 import sys
 

@@ -2,6 +2,9 @@
 
   python scripts/train.py --config configs/demo.py --workdir workdirs/demo
   python scripts/train.py --config configs/default.py --workdir DIR --config.batch_size=64
+  # Two hosts (run on each, same workdir on shared storage; process_id 0 on the first):
+  python scripts/train.py --config configs/coco.py --workdir /shared/coco \
+      --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
 """
 
 import logging as std_logging
@@ -14,6 +17,8 @@ from absl import logging
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
+from jaxcap import checkpoint  # pylint: disable=g-import-not-at-top
+from jaxcap import parallel  # pylint: disable=g-import-not-at-top
 from jaxcap import train  # pylint: disable=g-import-not-at-top
 from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
 from jaxcap.models import inception_v3  # pylint: disable=g-import-not-at-top
@@ -23,6 +28,11 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, tokenizer, metr
 flags.mark_flag_as_required('workdir')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.mark_flag_as_required('config')
+flags.DEFINE_string('coordinator_address', None,
+                    'Multi-host: host:port of process 0 (or $JAX_COORDINATOR_ADDRESS). Not needed '
+                    'on Cloud TPU, SLURM or Open MPI, which JAX detects.')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes ($JAX_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0 to num_processes - 1 ($JAX_PROCESS_ID).')
 
 
 # Libraries whose INFO lines (checkpoint internals, dataset reads, duplicate scalars) are hidden.
@@ -40,9 +50,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (input_pipeline.DataNotFoundError, inception_v3.WeightsError) as error:
+  except (input_pipeline.DataNotFoundError, inception_v3.WeightsError,
+          checkpoint.CheckpointWriteError) as error:
     raise SystemExit(str(error)) from None  # A message for the user, not a stack trace.
 
 

@@ -37,6 +37,15 @@ def tiny_config(data_dir: str):
   return config
 
 
+def write_config_file(path, data_dir: str, **fields) -> str:
+  """A config file for scripts: tiny_config with `fields` ('a.b' names) assigned."""
+  lines = ['from tests.conftest import tiny_config', 'def get_config():',
+           f'  config = tiny_config({data_dir!r})']
+  lines += [f'  config.{name} = {value!r}' for name, value in fields.items()]
+  path.write_text('\n'.join(lines + ['  return config', '']))
+  return str(path)
+
+
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))

@@ -1,8 +1,11 @@
 """Orbax checkpoints of the train state: round trip, retention, sharded restore (no TF)."""
 
+import errno
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxcap import checkpoint
 from jaxcap import parallel
@@ -34,3 +37,43 @@ def test_save_and_restore_round_trip(config, tmp_path):
   _, expected = step(jax.tree.map(jnp.copy, state), batch)
   _, actual = step(restored, batch)
   np.testing.assert_array_equal(expected['loss'], actual['loss'])
+
+
+def _saved_steps(config, mesh, directory, steps):
+  state, step = _state(config, mesh), _jit_step(mesh)
+  manager = checkpoint.create_manager(directory, keep=3)
+  for seed in range(steps):
+    state, _ = step(state, parallel.shard_batch(_random_batch(config, 16, seed), mesh))
+    checkpoint.save(manager, state)
+  return manager
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(config, tmp_path, caplog):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  _saved_steps(config, mesh, str(tmp_path), 3)
+  # Damage every data file of step 3, as a crash in mid-copy or a bad disk would.
+  damaged = [p for p in (tmp_path / 'checkpoints' / '3').rglob('*') if p.is_file() and p.stat().st_size > 0
+             and 'metadata' not in p.name]
+  assert damaged
+  for path in damaged:
+    path.write_bytes(b'\0' * 7)
+  manager = checkpoint.create_manager(str(tmp_path), keep=3)
+  restored = checkpoint.restore_latest(manager, _state(config, mesh))
+  assert int(restored.step) == 2
+  assert 'step 3' in caplog.text
+  assert manager.all_steps() == [1, 2]  # Step 3 was set aside, not deleted.
+  assert [p.name.split('_')[0] for p in (tmp_path / 'damaged_checkpoints').iterdir()] == ['3']
+
+
+def test_a_failed_write_names_the_step_and_keeps_earlier_checkpoints(config, tmp_path, monkeypatch):
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  manager = _saved_steps(config, mesh, str(tmp_path), 2)
+  state, _ = _jit_step(mesh)(_state(config, mesh), parallel.shard_batch(_random_batch(config, 16), mesh))
+  state = state.replace(step=state.step + 5)
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  monkeypatch.setattr(manager, 'save', full_disk)
+  with pytest.raises(checkpoint.CheckpointWriteError, match=r'step 6 .*disk is full.*steps \[1, 2\]'):
+    checkpoint.save(manager, state)
+  assert checkpoint.create_manager(str(tmp_path), keep=3).all_steps() == [1, 2]

@@ -1,7 +1,6 @@
 """COCO captions: the on-disk builder on a tiny official-layout folder, tfds' coco_captions under
 mock data, the missing-data message, and one real training step on COCO-format data."""
 
-import json
 import os
 
 import numpy as np

@@ -232,7 +232,6 @@ def test_convert_weights_script(weight_files, tmp_path):
 
 
 def test_captioner_uses_converted_weights(config, weight_files, tmp_path):
-  from jaxcap import parallel
   from jaxcap import train_step
   from jaxcap.models import captioner
   directory = str(tmp_path / 'converted')

@@ -1,6 +1,5 @@
 """scripts/caption.py and scripts/evaluate.py on a workdir trained for a few steps."""
 
-import io
 import json
 import os
 import pathlib

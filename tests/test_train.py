@@ -22,7 +22,10 @@ def test_train_and_evaluate_writes_metrics_and_resumes(config, tmp_path):
   assert set(results) == {'val', 'test'}
 
   lines = [json.loads(line) for line in open(os.path.join(workdir, train.METRICS_FILENAME))]
-  assert [(r['step'], r['split']) for r in lines] == [(4, 'val'), (4, 'test')]
+  assert [(r['step'], r['split']) for r in lines] == [(2, 'train'), (4, 'train'), (4, 'val'), (4, 'test')]
+  train_records, lines = lines[:2], lines[2:]
+  assert all({'train_loss', 'train_token_accuracy', 'learning_rate'} <= set(r) for r in train_records)
+  assert 'steps_per_sec' in train_records[1]  # Step 2 holds the compilation, step 4 not.
   for record in lines:
     assert {'step', 'split', 'loss', 'bleu_1', 'bleu_2', 'bleu_3', 'bleu_4', 'meteor', 'rouge_l',
             'cider', 'scene_accuracy'} <= set(record)

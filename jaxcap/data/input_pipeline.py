@@ -212,30 +212,105 @@ def _process_split(split: str, process_index: int, process_count: int) -> str:
   return tfds.even_splits(split, n=process_count)[process_index]
 
 
-def train_dataset(builder: tfds.core.DatasetBuilder, split: str, table: TokenTable,
-                  data_config: ml_collections.ConfigDict, *, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-  """Endless shuffled batches {'image': (B, H, W, 3) f32, 'tokens': (B, L) i32} of this process.
+def input_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
+  """The input shards this process reads: shard s goes to process s % process_count."""
+  num_shards = num_shards or process_count
+  if num_shards % process_count:
+    raise ValueError(f'config.data.input_shards={num_shards} is not a multiple of the '
+                     f'{process_count} processes')
+  return list(range(process_index, num_shards, process_count))
 
-  `batch_size` is the per-process batch.
+
+def _decode_image(builder: tfds.core.DatasetBuilder):
+  """Decodes the encoded image of a record read with SkipDecoding (decoded ones pass)."""
+  image_feature = builder.info.features['image']
+
+  def decode(features):
+    image = features['image']
+    if image.dtype != tf.string:  # A source that yields decoded images (e.g. tfds mock data).
+      return features
+    return {**features, 'image': image_feature.decode_example(image)}
+  return decode
+
+
+def shard_stream(builder: tfds.core.DatasetBuilder, split: str, table: TokenTable,
+                 data_config: ml_collections.ConfigDict, *, seed: int, start: int = 0) -> tf.data.Dataset:
+  """An endless stream of {'image', 'tokens'} examples of `split`, a pure function of `seed`,
+  from its `start`-th example on.
+
+  Images stay encoded until after the skip (unless cached decoded), so starting late costs
+  reading records, not decoding them. Augmentation and the caption pick depend on (seed,
+  position in the stream) only.
   """
-  ds = builder.as_dataset(split=_process_split(split, process_index, process_count),
-                          shuffle_files=True,
-                          read_config=tfds.ReadConfig(shuffle_seed=seed))
+  ds = builder.as_dataset(split=split, shuffle_files=True,
+                          read_config=tfds.ReadConfig(shuffle_seed=seed),
+                          decoders={'image': tfds.decode.SkipDecoding()})
   ds = ds.map(keep('image', 'image/id'), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(table.lookup_fn(), num_parallel_calls=tf.data.AUTOTUNE)
-  if not data_config.augment:  # Deterministic preprocessing: done once when cached.
-    ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
-  if data_config.cache_images:
+  decoded = data_config.cache_images
+  if decoded:
+    ds = ds.map(_decode_image(builder), num_parallel_calls=tf.data.AUTOTUNE)
+    if not data_config.augment:  # Deterministic preprocessing: done once, then cached.
+      ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.cache()
   ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-  ds = ds.repeat().enumerate()
+  ds = ds.repeat().enumerate().skip(start)
+  if not decoded:
+    ds = ds.map(lambda index, features: (index, _decode_image(builder)(features)),
+                num_parallel_calls=tf.data.AUTOTUNE)
   if data_config.augment:
     ds = ds.map(augment_image(data_config.image_size, seed, data_config.augment_min_crop_fraction),
                 num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(pick_caption(seed), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  elif not decoded:
+    preprocess = preprocess_image(data_config.image_size)
+    ds = ds.map(lambda index, features: (index, preprocess(features)), num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.map(pick_caption(seed), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def train_dataset(builder: tfds.core.DatasetBuilder, split: str, table: TokenTable,
+                  data_config: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> tf.data.Dataset:
+  """Endless shuffled batches {'image': (B, H, W, 3) f32, 'tokens': (B, L) i32} of this process,
+  from global step `start_step` on.
+
+  The split is cut into `data_config.input_shards` shards (0: one per process); each shard is
+  its own seeded stream, and a global batch is every shard's next rows, in shard order. So the
+  batches are a pure function of (seed, step, input_shards), whatever the number of processes
+  reading them: a resumed run, or one on another number of hosts, sees the same batches.
+  `batch_size` is the per-process batch.
+  """
+  shards = input_shards(data_config.input_shards, process_index, process_count)
+  num_shards = len(shards) * process_count
+  if batch_size % len(shards):
+    raise ValueError(f'the per-process batch {batch_size} does not split over this process\'s '
+                     f'{len(shards)} input shards (config.data.input_shards)')
+  rows = batch_size // len(shards)
+  streams = [shard_stream(builder, tfds.even_splits(split, n=num_shards)[shard], table, data_config,
+                          seed=seed * num_shards + shard, start=start_step * rows).batch(rows)
+             for shard in shards]
+  if len(streams) == 1:
+    ds = streams[0]
+  else:
+    ds = tf.data.Dataset.zip(tuple(streams)).map(
+        lambda *batches: {key: tf.concat([b[key] for b in batches], 0) for key in batches[0]})
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def image_dataset(builder: tfds.core.DatasetBuilder, split: str,
+                  data_config: ml_collections.ConfigDict, *, batch_size: int, start: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """This process's images of `split` in order from its `start`-th, preprocessed as for
+  evaluation: batches of 'image', 'image/id' (int32) and 'mask'. Images before `start` are
+  read but not decoded."""
+  ds = builder.as_dataset(split=_process_split(split, process_index, process_count),
+                          shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})
+  ds = ds.map(keep('image', 'image/id')).skip(start)
+  ds = ds.map(_decode_image(builder), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(lambda f: {'image': f['image'], 'image/id': tf.cast(f['image/id'], tf.int32),
+                         'mask': tf.constant(1, tf.int32)})
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(builder: tfds.core.DatasetBuilder, split: str, table: TokenTable,
@@ -251,7 +326,9 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, split: str, table: TokenTabl
   ds = ds.map(keep('image', 'image/id'), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(table.lookup_fn(), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(lambda f: {**keep('image', 'image/id', 'tokens')(f), 'mask': tf.constant(1, tf.int32)})
+  # Image ids as int32 (COCO's fit): they travel through the devices with the captions.
+  ds = ds.map(lambda f: {**keep('image', 'tokens')(f), 'image/id': tf.cast(f['image/id'], tf.int32),
+                         'mask': tf.constant(1, tf.int32)})
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -263,6 +340,14 @@ def pad_batch(batch: Batch, batch_size: int) -> Batch:
   return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
 
 
-def eval_batches(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
+def eval_batches(ds: tf.data.Dataset, batch_size: int, num_batches: int | None = None) -> Iterator[Batch]:
+  """Batches padded to `batch_size`, then (to `num_batches`) batches of padding only."""
+  count, last = 0, None
   for batch in ds.as_numpy_iterator():
-    yield pad_batch(batch, batch_size)
+    last = pad_batch(batch, batch_size)
+    count += 1
+    yield last
+  if last is not None:
+    empty = {k: np.zeros_like(v) for k, v in last.items()}
+    for _ in range(count, num_batches or 0):
+      yield empty

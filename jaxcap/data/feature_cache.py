@@ -1,0 +1,183 @@
+"""Feature cache: every image of a split through the frozen encoder once, kept on disk.
+
+Layout of CACHE_DIR/SPLIT/: `fingerprint.json` (what made the embeddings: encoder name and a
+hash of its variables, image size, preprocessing, compute dtype, dataset and split),
+`part-00000.npz`, ... (image ids and embeddings, each part written atomically) and
+`complete.json` once every part is there. A cache whose fingerprint differs is rebuilt; an
+interrupted extraction resumes after its last complete part.
+
+Extraction is data-parallel over every device of every process (each process reads its share
+of the split); the embeddings are gathered, and process 0 writes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
+
+from jaxcap import parallel
+from jaxcap.data import input_pipeline
+
+FINGERPRINT_FILENAME = 'fingerprint.json'
+COMPLETE_FILENAME = 'complete.json'
+# Bump when input_pipeline.preprocess_image changes what the encoder sees.
+PREPROCESSING = 'centre square crop, antialiased bilinear resize, scale to [-1, 1] (v1)'
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFeatures:
+  image_ids: np.ndarray  # (N,) int64
+  embedding: np.ndarray  # (N, D)
+
+
+def split_dir(cache_dir: str, split: str) -> str:
+  return os.path.join(cache_dir, split.replace('+', '_plus_').replace('[', '_').replace(']', '_'))
+
+
+def variables_digest(variables: Any) -> str:
+  """sha256 of every array of a variables tree, with its path, shape and dtype."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]:
+    leaf = np.asarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype}'.encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def fingerprint(config: ml_collections.ConfigDict, encoder_variables: Any,
+                builder: tfds.core.DatasetBuilder, split: str) -> dict[str, Any]:
+  return {'encoder': config.model.encoder, 'encoder_sha256': variables_digest(encoder_variables),
+          'image_size': config.data.image_size, 'preprocessing': PREPROCESSING,
+          'compute_dtype': config.model.dtype, 'storage_dtype': config.features.storage_dtype,
+          'dataset': builder.info.full_name, 'data_dir': os.path.abspath(builder.data_dir),
+          'split': split, 'num_examples': builder.info.splits[split].num_examples}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _part_path(directory: str, index: int) -> str:
+  return os.path.join(directory, f'part-{index:05d}.npz')
+
+
+def _complete_parts(directory: str) -> int:
+  count = 0
+  while os.path.exists(_part_path(directory, count)):
+    count += 1
+  return count
+
+
+def _write_atomically(path: str, write) -> None:
+  tmp_path = f'{path}.tmp'
+  with open(tmp_path, 'wb') as f:
+    write(f)
+  os.replace(tmp_path, path)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'jaxcap feature cache: {name}')
+
+
+def _read_parts(directory: str) -> SplitFeatures:
+  parts = [np.load(_part_path(directory, i)) for i in range(_complete_parts(directory))]
+  return SplitFeatures(np.concatenate([p['image_ids'] for p in parts]).astype(np.int64),
+                       np.concatenate([p['embedding'] for p in parts]))
+
+
+def load(directory: str) -> SplitFeatures:
+  """A complete cache folder's image ids and embeddings, in extraction order."""
+  if not os.path.exists(os.path.join(directory, COMPLETE_FILENAME)):
+    raise FileNotFoundError(f'{directory}: no complete feature cache (run scripts/extract_features.py)')
+  return _read_parts(directory)
+
+
+def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collections.ConfigDict,
+            state: Any, mesh: jax.sharding.Mesh, cache_dir: str) -> SplitFeatures:
+  """The split's cached embeddings, computed (or completed, or rebuilt) first if needed.
+
+  `state` is a replicated train state whose `variables` hold the (frozen) encoder.
+  """
+  directory = split_dir(cache_dir, split)
+  expected = fingerprint(config, state.variables['params']['encoder'], builder, split)
+  fingerprint_path = os.path.join(directory, FINGERPRINT_FILENAME)
+  is_chief = jax.process_index() == 0
+  if os.path.exists(fingerprint_path):
+    with open(fingerprint_path) as f:
+      found = json.load(f)
+    if found != expected:
+      logging.warning('Feature cache %s is stale (%s changed): rebuilding it', directory,
+                      ', '.join(_differences(found, expected)))
+      if is_chief:
+        shutil.rmtree(directory)
+      _sync(f'{directory} cleared')
+  if os.path.exists(os.path.join(directory, COMPLETE_FILENAME)):
+    return load(directory)
+  if is_chief:
+    os.makedirs(directory, exist_ok=True)
+    _write_atomically(fingerprint_path, lambda f: f.write(json.dumps(expected, indent=1).encode()))
+  _sync(f'{directory} started')
+
+  features = config.features
+  batch_size = parallel.check_batch_size(features.batch_size, mesh, 'features.batch_size')
+  per_process = -(-expected['num_examples'] // jax.process_count())
+  num_batches = -(-per_process // batch_size)
+  num_parts = -(-num_batches // features.batches_per_part)
+  done_parts = _complete_parts(directory)
+  if done_parts:
+    logging.info('Feature cache %s: resuming after %d of %d parts', directory, done_parts, num_parts)
+  start_batch = done_parts * features.batches_per_part
+  ds = input_pipeline.image_dataset(
+      builder, split, config.data, batch_size=batch_size, start=start_batch * batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  batches = input_pipeline.eval_batches(ds, batch_size, num_batches - start_batch)
+  encode = jax.jit(
+      lambda s, batch: (s.apply_fn(s.variables, batch['image'], method='encode'),
+                        batch['image/id'], batch['mask']),
+      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+      out_shardings=parallel.replicated(mesh))
+  storage_dtype = np.dtype(features.storage_dtype)
+  start = time.perf_counter()
+  for part in range(done_parts, num_parts):
+    embeddings, image_ids = [], []
+    for _ in range(min(features.batches_per_part, num_batches - part * features.batches_per_part)):
+      embedding, ids, mask = jax.device_get(encode(state, parallel.shard_batch(next(batches), mesh)))
+      real = np.asarray(mask) > 0
+      embeddings.append(np.asarray(embedding)[real].astype(storage_dtype))
+      image_ids.append(np.asarray(ids)[real].astype(np.int64))
+    if is_chief:
+      _write_atomically(_part_path(directory, part), lambda f: np.savez(
+          f, image_ids=np.concatenate(image_ids), embedding=np.concatenate(embeddings)))
+    logging.info('Feature cache %s: part %d/%d (%.0f images/s)', directory, part + 1, num_parts,
+                 sum(len(i) for i in image_ids) / max(time.perf_counter() - start, 1e-9))
+    start = time.perf_counter()
+  result = None
+  if is_chief:
+    result = _mark_complete(directory, expected['num_examples'])
+  _sync(f'{directory} complete')
+  return result if result is not None else load(directory)
+
+
+def _mark_complete(directory: str, num_examples: int) -> SplitFeatures:
+  """Checks the parts hold every image once, then marks the cache complete."""
+  result = _read_parts(directory)
+  if len(result.image_ids) != num_examples or len(np.unique(result.image_ids)) != num_examples:
+    raise RuntimeError(f'{directory}: {len(result.image_ids)} embeddings '
+                       f'({len(np.unique(result.image_ids))} distinct images) for {num_examples} '
+                       'images; delete the folder to rebuild it')
+  _write_atomically(os.path.join(directory, COMPLETE_FILENAME), lambda f: f.write(json.dumps(
+      {'images': num_examples, 'embedding_dim': int(result.embedding.shape[1])}).encode()))
+  return result

@@ -1,0 +1,47 @@
+"""Encodes every image of the training and evaluation splits once into the feature cache.
+
+  python scripts/extract_features.py --config configs/coco_features.py --workdir workdirs/coco_features
+
+Training with `config.features.enabled` does this itself when the cache is missing; running it
+first lets you size and time it. Interrupted, it resumes after its last complete part; a cache
+made by another encoder, image size or preprocessing is rebuilt.
+"""
+
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
+from jaxcap import parallel  # pylint: disable=g-import-not-at-top
+from jaxcap import train  # pylint: disable=g-import-not-at-top
+from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
+from jaxcap.models import inception_v3  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Training workdir (tokenizer; cache in WORKDIR/features by default).')
+flags.mark_flag_as_required('workdir')
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.mark_flag_as_required('config')
+flags.DEFINE_list('splits', None, 'Splits to encode (default: the training split and the eval splits).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  parallel.initialize_distributed()
+  config = FLAGS.config
+  splits = FLAGS.splits or [config.data.train_split, *config.data.eval_splits]
+  try:
+    cached = train.extract_features(config, FLAGS.workdir, splits)
+  except (input_pipeline.DataNotFoundError, inception_v3.WeightsError) as error:
+    raise SystemExit(str(error)) from None
+  for split, features in cached.items():
+    print(f'{split}: {len(features.image_ids)} images, embeddings {features.embedding.shape[1]}-d '
+          f'{features.embedding.dtype} in {train.feature_cache_dir(config, FLAGS.workdir)}')
+
+
+if __name__ == '__main__':
+  app.run(main)
