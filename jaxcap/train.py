@@ -137,18 +137,13 @@ def _resident_trainer(config, workdir, prepared, train_table, full_state, model,
                      'encoder: set config.model.train_encoder=False')
   cached = feature_cache.extract(prepared.builder, config.data.train_split, config, full_state,
                                  mesh, feature_cache_dir(config, workdir))
-  rows = np.flatnonzero(np.arange(train_table.tokens.shape[1])[None] < train_table.counts[:, None])
-  image_rows, caption_rows = np.divmod(rows, train_table.tokens.shape[1])
-  table_row_of_image = {image_id: i for i, image_id in enumerate(train_table.image_ids.tolist())}
-  cache_index = np.array([table_row_of_image[i] for i in cached.image_ids.tolist()])
-  image_of_table_row = np.empty(len(cache_index), np.int64)
-  image_of_table_row[cache_index] = np.arange(len(cache_index))
+  tokens, image_index = feature_cache.caption_rows(cached, train_table)
   buckets = resident.check_length_buckets(config.data.length_buckets, config.data.max_len)
-  dtype = captioner.DTYPES[config.model.dtype]
-  data = resident.place(cached.embedding, train_table.tokens[image_rows, caption_rows],
-                        image_of_table_row[image_rows], buckets, mesh, dtype)
+  data = resident.place(cached.embedding, tokens, image_index, buckets, mesh,
+                        captioner.DTYPES[config.model.dtype])
   logging.info('Resident training data: %d captions of %d images, %s embeddings, on %d devices',
-               data.tokens.shape[0] * data.tokens.shape[1], len(cached.image_ids), config.model.dtype, mesh.size)
+               data.tokens.shape[0] * data.tokens.shape[1], len(cached.image_ids),
+               config.model.dtype, mesh.size)
   per_shard_batch = config.batch_size // mesh.size
   if data.tokens.shape[1] < per_shard_batch:
     raise ValueError(f'config.batch_size={config.batch_size} is larger than the '
@@ -291,8 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       if step % config.log_every_steps == 0 or is_last:
         _raise_if_nonfinite(unchecked_finite, manager)
-        fetched = {k: np.concatenate([m[k] for m in jax.device_get(pending_metrics)])
-                   for k in pending_metrics[0]}
+        pending_metrics = jax.device_get(pending_metrics)
+        fetched = {k: np.concatenate([m[k] for m in pending_metrics]) for k in pending_metrics[0]}
         pending_metrics = []
         elapsed = time.perf_counter() - interval_start
         weights = fetched['num_tokens']

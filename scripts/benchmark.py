@@ -11,8 +11,9 @@ steps, `config.resident.steps_per_call` per jitted call, data resident on the de
 (captions from images with the configured decoding method), `pipeline` (the tf.data input of
 the config's dataset alone: needs TensorFlow and the dataset). Synthetic captions follow
 COCO's lengths (words ~ N(10.5, 2.5), clipped, plus BOS and EOS, padded to max_len). Timing waits
-for the device and excludes compilation; FLOPs come from XLA's cost analysis of the compiled
-function, and the peak from a large matrix product timed in the same run.
+for the device and excludes compilation; FLOPs come from XLA's cost analysis of the lowered
+function (train steps with their scans unrolled; decode counts its token loop once), and the
+peak from a large matrix product timed in the same run.
 """
 
 import functools
@@ -33,6 +34,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from jaxcap import decode  # pylint: disable=g-import-not-at-top
+from jaxcap import inference  # pylint: disable=g-import-not-at-top
 from jaxcap import parallel  # pylint: disable=g-import-not-at-top
 from jaxcap import resident  # pylint: disable=g-import-not-at-top
 from jaxcap import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
@@ -120,13 +122,13 @@ def _stateful(step_fn, state):
   return call
 
 
-def decoder_step_flops(config, vocab_size: int, state, batch) -> float:
-  """FLOPs of a decoder step: XLA's cost analysis counts a loop body once, so the count is
-  taken from the same step with its two scans (LSTM, chunked loss) unrolled to straight code."""
+def unrolled_step_flops(config, vocab_size: int, step_fn, state, batch) -> float:
+  """FLOPs of a train step: XLA's cost analysis counts a loop body once, so the count is taken
+  from the same step with the decoder's two scans (LSTM, chunked loss) unrolled."""
   unrolled = config.copy_and_resolve_references()
   unrolled.model.lstm_unroll = unrolled.model.loss_chunk_steps = config.data.max_len
   model = captioner.create_model(unrolled.model, vocab_size)
-  return flops_of(jax.jit(train_step_lib.decoder_train_step), (state.replace(apply_fn=model.apply), batch))
+  return flops_of(jax.jit(step_fn), (state.replace(apply_fn=model.apply), batch))
 
 
 def decoder_workload(config, mesh, batch_size: int, vocab_size: int, resident_steps: bool) -> Workload:
@@ -137,14 +139,14 @@ def decoder_workload(config, mesh, batch_size: int, vocab_size: int, resident_st
   embedding = np.random.default_rng(1).normal(
       size=(len(tokens), FLAGS.embedding_dim)).astype(np.float32)
   model = captioner.create_model(config.model, vocab_size)
-  state = jax.jit(lambda key: train_step_lib.create_decoder_state(
-      config, model, key, FLAGS.embedding_dim), out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+  state = inference.initial_decoder_state(config, model, mesh, FLAGS.embedding_dim)
   step = jax.jit(train_step_lib.decoder_train_step, donate_argnums=0)
   # Host batches as a length-grouping input pipeline makes them.
   grouped = np.argsort(resident.bucket_index(tokens, buckets), kind='stable').reshape(num_batches, batch_size)
   batches = [parallel.shard_batch(resident.trim_to_bucket(
       {'embedding': embedding[rows], 'tokens': tokens[rows]}, buckets), mesh) for rows in grouped]
-  flops = np.mean([decoder_step_flops(config, vocab_size, state, batch) for batch in batches])
+  flops = np.mean([unrolled_step_flops(config, vocab_size, train_step_lib.decoder_train_step, state, batch)
+                   for batch in batches])
   tokens_per_step = float((tokens[:, 1:] != PAD_ID).sum()) / num_batches
   if not resident_steps:
     run = _stateful(step, state)
@@ -167,15 +169,14 @@ def image_workload(config, mesh, mode: str, batch_size: int, vocab_size: int) ->
   """Encoder, end-to-end train step or decoding on synthetic images."""
   model = captioner.create_model(config.model, vocab_size)
   tokens = synthetic_tokens(batch_size, config.data.max_len, vocab_size)
-  state = jax.jit(lambda key: train_step_lib.create_train_state(config, model, key),
-                  out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+  state = inference.initial_state(config, model, mesh)
   size = config.data.image_size
   batch = parallel.shard_batch({
       'image': np.random.default_rng(1).uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
       'tokens': tokens}, mesh)
   if mode == 'train':
     step = jax.jit(train_step_lib.train_step, donate_argnums=0)
-    flops = flops_of(step, (state, batch))
+    flops = unrolled_step_flops(config, vocab_size, train_step_lib.train_step, state, batch)
     return Workload([functools.partial(_stateful(step, state), batch)], 1, flops,
                     float((tokens[:, 1:] != PAD_ID).sum()))
   if mode == 'encoder':

@@ -8,9 +8,16 @@ B="python3 scripts/benchmark.py --steps 20 --warmup 3 --peak_matmul_size 8192"
 COCO="--config configs/coco.py --config.model.encoder_weights=None --batch_size 256"
 run() {
   name=$1; shift; echo "== $name"
-  timeout 100 $B --json "$OUT/$name.json" "$@" 2>&1 | grep -E '"(steps_per_sec|examples_per_sec|achieved_tflops|peak_tflops|mfu|tokens_per_sec)"' | tr -d '\n '; echo
+  timeout 150 $B --json "$OUT/$name.json" "$@" 2>&1 | grep -E '"(steps_per_sec|examples_per_sec|achieved_tflops|peak_tflops|mfu|tokens_per_sec)"' | tr -d '\n '; echo
 }
 run encoder_bf16_b256 $COCO --mode encoder --config.model.dtype=bfloat16
 run train_frozen_bf16_b256 $COCO --mode train --config.model.dtype=bfloat16
 run decode_greedy_bf16_b256 $COCO --mode decode --config.model.dtype=bfloat16
 run demo_train_f32_b64 --config configs/demo.py --mode train --batch_size 64 --vocab_size 128
+DEC="--config configs/coco.py --config.model.encoder_weights=None"
+run decoder_f32_b256 $DEC --batch_size 256 --mode decoder
+run decoder_resident_f32_b256 $DEC --batch_size 256 --mode decoder_resident
+run decoder_bf16_b1024 $DEC --batch_size 1024 --mode decoder --config.model.dtype=bfloat16
+run decoder_resident_bf16_b1024 $DEC --batch_size 1024 --mode decoder_resident --config.model.dtype=bfloat16
+# A COCO-sized epoch: 405 batches of 1024 = 414,720 captions resident; epoch seconds = 405 / steps_per_sec.
+run decoder_resident_coco_epoch_bf16_b1024 $DEC --batch_size 1024 --mode decoder_resident --num_batches 405 --steps 405 --config.resident.steps_per_call=405 --config.model.dtype=bfloat16

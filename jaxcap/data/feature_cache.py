@@ -105,6 +105,19 @@ def load(directory: str) -> SplitFeatures:
   return _read_parts(directory)
 
 
+def caption_rows(features: SplitFeatures,
+                 table: input_pipeline.TokenTable) -> tuple[np.ndarray, np.ndarray]:
+  """Every caption of the cached images as a token row (R, L), with the index of its image's
+  row in `features.embedding` (R,)."""
+  table_row = {image_id: row for row, image_id in enumerate(table.image_ids.tolist())}
+  tokens, image_index = [], []
+  for index, image_id in enumerate(features.image_ids.tolist()):
+    row = table_row[image_id]
+    tokens.append(table.tokens[row, :table.counts[row]])
+    image_index.append(np.full(table.counts[row], index))
+  return np.concatenate(tokens), np.concatenate(image_index)
+
+
 def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collections.ConfigDict,
             state: Any, mesh: jax.sharding.Mesh, cache_dir: str) -> SplitFeatures:
   """The split's cached embeddings, computed (or completed, or rebuilt) first if needed.

@@ -3,9 +3,8 @@
 image embedding -> Dense bottleneck (elu) -> Dense to the LSTM size (elu) = the LSTM's initial
 c and h; word embedding -> LSTM (nn.RNN, a scan under jit) -> Dense bottleneck (elu) -> logits.
 
-The LSTM's input half of the gates is one matrix product over every time step before the scan,
-so the scan only carries the recurrent product. Training never builds the (B, T, vocab) logits:
-`loss_sums` projects and scores a few time steps at a time (`softmax_loss`).
+Training never builds the (B, T, vocab) logits: `loss_sums` projects and scores a few time
+steps at a time (`softmax_loss`).
 """
 
 from __future__ import annotations
@@ -13,37 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxcap.models import softmax_loss
 
 Carry = tuple[jnp.ndarray, jnp.ndarray]  # (c, h)
-
-
-class RecurrentLSTMCell(nn.RNNCellBase):
-  """An LSTM cell whose inputs are the input half of its gates (i, f, g, o), precomputed."""
-  features: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, carry: Carry, input_gates: jnp.ndarray) -> tuple[Carry, jnp.ndarray]:
-    c, h = carry
-    gates = input_gates + nn.Dense(4 * self.features, use_bias=False, dtype=self.dtype,
-                                   kernel_init=nn.initializers.orthogonal(), name='recurrent')(h)
-    input_gate, forget_gate, cell_input, output_gate = jnp.split(gates, 4, axis=-1)
-    c = nn.sigmoid(forget_gate) * c + nn.sigmoid(input_gate) * jnp.tanh(cell_input)
-    h = nn.sigmoid(output_gate) * jnp.tanh(c)
-    return (c, h), h
-
-  @nn.nowrap
-  def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]) -> Carry:
-    zeros = jnp.zeros((*input_shape[:-1], self.features), self.dtype)
-    return zeros, zeros
-
-  @property
-  def num_feature_axes(self) -> int:
-    return 1
 
 
 class LogitsProjection(nn.Module):
@@ -84,8 +57,7 @@ class Decoder(nn.Module):
     self.image_to_bottleneck = nn.Dense(self.image_bottleneck, dtype=self.dtype)
     self.bottleneck_to_state = nn.Dense(self.lstm_size, dtype=self.dtype)
     self.word_embedding = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
-    self.embedding_to_gates = nn.Dense(4 * self.lstm_size, dtype=self.dtype)
-    self.lstm = nn.RNN(RecurrentLSTMCell(self.lstm_size, dtype=self.dtype), return_carry=True,
+    self.lstm = nn.RNN(nn.OptimizedLSTMCell(self.lstm_size, dtype=self.dtype), return_carry=True,
                        unroll=self.lstm_unroll)
     self.lstm_to_bottleneck = nn.Dense(self.logit_bottleneck, dtype=self.dtype)
     self.bottleneck_to_logits = LogitsProjection(
@@ -100,8 +72,7 @@ class Decoder(nn.Module):
 
   def _lstm(self, carry: Carry, tokens: jnp.ndarray) -> tuple[Carry, jnp.ndarray]:
     """(B, T) ids -> final carry and (B, T, logit_bottleneck) features of the next-id logits."""
-    input_gates = self.embedding_to_gates(self.word_embedding(tokens))
-    carry, lstm_outputs = self.lstm(input_gates, initial_carry=carry)
+    carry, lstm_outputs = self.lstm(self.word_embedding(tokens), initial_carry=carry)
     return carry, nn.elu(self.lstm_to_bottleneck(lstm_outputs))
 
   def __call__(self, image_embedding: jnp.ndarray, input_tokens: jnp.ndarray) -> jnp.ndarray:
