@@ -11,8 +11,8 @@ import time
 import flax.serialization
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
+from jaxcap import parallel
 from jaxcap.train_step import TrainState
 
 CHECKPOINT_DIRNAME = 'checkpoints'
@@ -32,8 +32,9 @@ def create_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, *, force: bool = False) -> None:
-  """Saves `state` at its step. Orbax writes to a temporary folder and renames it when complete,
-  so a crash or a full disk never leaves a half-written checkpoint under a step's name."""
+  """Saves `state` at its step and waits for the write, so a failure is reported at its step.
+  Orbax writes to a temporary folder and renames it when complete, so a crash or a full disk
+  never leaves a half-written checkpoint under a step's name."""
   step = int(state.step)
   try:
     manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
@@ -79,6 +80,5 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
     destination = os.path.join(damaged, f'{step}_{time.strftime("%Y%m%d-%H%M%S")}')
     shutil.move(os.path.join(directory, str(step)), destination)
     logging.error('Moved the damaged checkpoint of step %d to %s', step, destination)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'jaxcap: damaged checkpoint {step} set aside')
+  parallel.sync_processes(f'damaged checkpoint {step} set aside')
   manager.reload()

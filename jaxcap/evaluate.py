@@ -149,9 +149,8 @@ class SplitEvaluator:
     ds = input_pipeline.eval_dataset(
         self.builder, split, table, self.config.data, batch_size=self.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())
-    # Every process runs the same number of batches (the collective calls must match).
-    per_process = -(-self.builder.info.splits[split].num_examples // jax.process_count())
-    batches = input_pipeline.eval_batches(ds, self.batch_size, -(-per_process // self.batch_size))
+    batches = input_pipeline.eval_batches(ds, self.batch_size, input_pipeline.batches_per_process(
+        self.builder, split, self.batch_size, jax.process_count()))
     scene = shapes.scene_accuracy if self.config.data.name == 'shapes_captions' else None
     return evaluate_split(batches, lambda b: self.eval_fn(state, parallel.shard_batch(b, self.mesh)),
                           self.tokenizer, references, scene)

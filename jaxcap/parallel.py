@@ -12,6 +12,7 @@ from typing import Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
@@ -48,6 +49,12 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   return True
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing to do with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'jaxcap: {name}')
 
 
 def make_mesh(devices=None) -> Mesh:

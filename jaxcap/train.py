@@ -98,8 +98,8 @@ def _append_jsonl(path: str, record: dict[str, Any]) -> None:
 class _Trainer:
   """What the loop drives: the state it trains and checkpoints, and how to advance it."""
   state: train_step_lib.TrainState
-  # (state, first step, steps) -> (state, metrics with a leading axis of `steps`).
-  run: Callable[[train_step_lib.TrainState, int, int], tuple[train_step_lib.TrainState, Any]]
+  # (state, steps) -> (state, metrics with a leading axis of `steps`); batches follow state.step.
+  run: Callable[[train_step_lib.TrainState, int], tuple[train_step_lib.TrainState, Any]]
   steps_per_call: int
   # A full-model (encoder + decoder) state for evaluation.
   full_state: Callable[[train_step_lib.TrainState], train_step_lib.TrainState]
@@ -117,8 +117,8 @@ def _streaming_trainer(config, prepared, train_table, state, mesh, batch_size: i
                     in_shardings=(state_sharding, parallel.data_sharding(mesh)),
                     out_shardings=(state_sharding, state_sharding), donate_argnums=0)
 
-  def run(state, first_step, num_steps):
-    del first_step, num_steps  # Always one.
+  def run(state, num_steps):
+    del num_steps  # Always one.
     return step_fn(state, parallel.shard_batch(next(batches), mesh))
   return _Trainer(state, run, 1, lambda s: s)
 
@@ -155,8 +155,7 @@ def _resident_trainer(config, workdir, prepared, train_table, full_state, model,
   holder = {'order': resident.first_order(data, per_shard_batch)}
   compiled: dict[int, Callable] = {}
 
-  def run(state, first_step, num_steps):
-    del first_step  # The state's own step picks the batches.
+  def run(state, num_steps):
     if num_steps not in compiled:
       compiled[num_steps] = resident.jit_train_steps(buckets, per_shard_batch, num_steps)
     state, holder['order'], metrics = compiled[num_steps](state, holder['order'], data, seed_key)
@@ -272,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # Calls end on multiples of steps_per_call (so on every log/eval/checkpoint step).
       num_steps = min(trainer.steps_per_call - step % trainer.steps_per_call,
                       config.num_train_steps - step)
-      state, metrics = trainer.run(state, step + 1, num_steps)
+      state, metrics = trainer.run(state, num_steps)
       unchecked_finite.append((step + 1, metrics.pop('finite')))
       pending_metrics.append(metrics)
       step += num_steps

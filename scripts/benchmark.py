@@ -145,8 +145,11 @@ def decoder_workload(config, mesh, batch_size: int, vocab_size: int, resident_st
   grouped = np.argsort(resident.bucket_index(tokens, buckets), kind='stable').reshape(num_batches, batch_size)
   batches = [parallel.shard_batch(resident.trim_to_bucket(
       {'embedding': embedding[rows], 'tokens': tokens[rows]}, buckets), mesh) for rows in grouped]
-  flops = np.mean([unrolled_step_flops(config, vocab_size, train_step_lib.decoder_train_step, state, batch)
-                   for batch in batches])
+  # One count per batch shape (bucket length), weighted by how many batches have it.
+  batch_of_length = {batch['tokens'].shape[1]: batch for batch in batches}
+  flops_of_length = {length: unrolled_step_flops(config, vocab_size, train_step_lib.decoder_train_step,
+                                                 state, batch) for length, batch in batch_of_length.items()}
+  flops = np.mean([flops_of_length[batch['tokens'].shape[1]] for batch in batches])
   tokens_per_step = float((tokens[:, 1:] != PAD_ID).sum()) / num_batches
   if not resident_steps:
     run = _stateful(step, state)

@@ -25,7 +25,6 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from jax.experimental import multihost_utils
 
 from jaxcap import parallel
 from jaxcap.data import input_pipeline
@@ -87,11 +86,6 @@ def _write_atomically(path: str, write) -> None:
   os.replace(tmp_path, path)
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'jaxcap feature cache: {name}')
-
-
 def _read_parts(directory: str) -> SplitFeatures:
   parts = [np.load(_part_path(directory, i)) for i in range(_complete_parts(directory))]
   return SplitFeatures(np.concatenate([p['image_ids'] for p in parts]).astype(np.int64),
@@ -136,18 +130,17 @@ def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collection
                       ', '.join(_differences(found, expected)))
       if is_chief:
         shutil.rmtree(directory)
-      _sync(f'{directory} cleared')
+      parallel.sync_processes(f'feature cache {directory} cleared')
   if os.path.exists(os.path.join(directory, COMPLETE_FILENAME)):
     return load(directory)
   if is_chief:
     os.makedirs(directory, exist_ok=True)
     _write_atomically(fingerprint_path, lambda f: f.write(json.dumps(expected, indent=1).encode()))
-  _sync(f'{directory} started')
+  parallel.sync_processes(f'feature cache {directory} started')
 
   features = config.features
   batch_size = parallel.check_batch_size(features.batch_size, mesh, 'features.batch_size')
-  per_process = -(-expected['num_examples'] // jax.process_count())
-  num_batches = -(-per_process // batch_size)
+  num_batches = input_pipeline.batches_per_process(builder, split, batch_size, jax.process_count())
   num_parts = -(-num_batches // features.batches_per_part)
   done_parts = _complete_parts(directory)
   if done_parts:
@@ -180,7 +173,7 @@ def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collection
   result = None
   if is_chief:
     result = _mark_complete(directory, expected['num_examples'])
-  _sync(f'{directory} complete')
+  parallel.sync_processes(f'feature cache {directory} complete')
   return result if result is not None else load(directory)
 
 

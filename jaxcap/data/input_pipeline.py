@@ -297,6 +297,22 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split: str, table: TokenTab
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def batches_per_process(builder: tfds.core.DatasetBuilder, split: str, batch_size: int,
+                        process_count: int) -> int:
+  """Batches of `batch_size` of the largest process's share of `split`: what every process runs,
+  padding the rest, so that the collective calls of all processes match."""
+  per_process = -(-builder.info.splits[split].num_examples // process_count)
+  return -(-per_process // batch_size)
+
+
+def _with_id_and_mask(*names: str):
+  """Keeps `names`, adds the image id as int32 (COCO's fit: it travels through the devices)
+  and a mask of 1 (real image; padding rows get 0)."""
+  return lambda features: {**keep(*names)(features),
+                           'image/id': tf.cast(features['image/id'], tf.int32),
+                           'mask': tf.constant(1, tf.int32)}
+
+
 def image_dataset(builder: tfds.core.DatasetBuilder, split: str,
                   data_config: ml_collections.ConfigDict, *, batch_size: int, start: int = 0,
                   process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
@@ -308,8 +324,7 @@ def image_dataset(builder: tfds.core.DatasetBuilder, split: str,
   ds = ds.map(keep('image', 'image/id')).skip(start)
   ds = ds.map(_decode_image(builder), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(lambda f: {'image': f['image'], 'image/id': tf.cast(f['image/id'], tf.int32),
-                         'mask': tf.constant(1, tf.int32)})
+  ds = ds.map(_with_id_and_mask('image'))
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -326,9 +341,7 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, split: str, table: TokenTabl
   ds = ds.map(keep('image', 'image/id'), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(table.lookup_fn(), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
-  # Image ids as int32 (COCO's fit): they travel through the devices with the captions.
-  ds = ds.map(lambda f: {**keep('image', 'tokens')(f), 'image/id': tf.cast(f['image/id'], tf.int32),
-                         'mask': tf.constant(1, tf.int32)})
+  ds = ds.map(_with_id_and_mask('image', 'tokens'))
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -11,9 +11,9 @@ from typing import Iterator
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
+from jaxcap import parallel
 from jaxcap.data import coco_local
 from jaxcap.data import input_pipeline
 from jaxcap.data import tokenizer as tokenizer_lib
@@ -37,8 +37,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
   if jax.process_index() == 0:
     tokenizer = tokenizer_lib.load_or_train(
         workdir, train_captions.all_texts, data.vocab_size, data.tokenizer_type)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('jaxcap: tokenizer written')
+  parallel.sync_processes('tokenizer written')
   if jax.process_index() != 0:
     tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(workdir, tokenizer_lib.MODEL_FILENAME))
   return PreparedData(builder, tokenizer, train_captions)
