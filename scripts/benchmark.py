@@ -26,13 +26,13 @@ from typing import Any, Callable, NamedTuple
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from jaxcap import command_line  # pylint: disable=g-import-not-at-top
 from jaxcap import decode  # pylint: disable=g-import-not-at-top
 from jaxcap import inference  # pylint: disable=g-import-not-at-top
 from jaxcap import parallel  # pylint: disable=g-import-not-at-top
@@ -42,8 +42,7 @@ from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID  # pylint: disable=g-im
 from jaxcap.models import captioner  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=True)
-flags.mark_flag_as_required('config')
+command_line.define_config_flag(help_string='Configuration file.')
 flags.DEFINE_enum('mode', 'train', ['decoder', 'decoder_resident', 'encoder', 'train', 'decode', 'pipeline'],
                   'What to time.')
 flags.DEFINE_integer('embedding_dim', 2048, 'Image embedding size of the decoder mode (InceptionV3: 2048).')
@@ -239,6 +238,7 @@ def main(argv):
     results['tokens_per_sec'] = workload.tokens_per_step / seconds
   print(json.dumps(results, indent=1))
   if FLAGS.json:
+    pathlib.Path(FLAGS.json).resolve().parent.mkdir(parents=True, exist_ok=True)
     with open(FLAGS.json, 'w') as f:
       json.dump(results, f, indent=1)
 

@@ -33,7 +33,10 @@ def main(argv):
   if not paths:
     raise app.UsageError('Give image files or folders to caption.')
   std_logging.getLogger().setLevel(std_logging.WARNING)
-  trained = inference.restore(FLAGS.workdir, FLAGS.step)
+  try:
+    trained = inference.restore(FLAGS.workdir, FLAGS.step)
+  except (FileNotFoundError, ValueError) as error:  # Not a trained workdir, or no such step.
+    raise SystemExit(str(error)) from None
   caption.set_decoding(trained.config, beam=FLAGS.beam, temperature=FLAGS.temperature)
   results = caption.caption_paths(trained, caption.expand_paths(paths))
   if FLAGS.json:

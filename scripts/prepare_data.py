@@ -12,17 +12,16 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from jaxcap import command_line  # pylint: disable=g-import-not-at-top
 from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
 from jaxcap.data import prepare  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir whose tokenizer to train or check.')
 flags.mark_flag_as_required('workdir')
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
-flags.mark_flag_as_required('config')
+command_line.define_config_flag(help_string='Training configuration file.')
 flags.DEFINE_integer('input_speed_batches', 0,
                      'Also time this many training batches of the input pipeline alone.')
 

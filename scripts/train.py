@@ -14,10 +14,10 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
 from jaxcap import checkpoint  # pylint: disable=g-import-not-at-top
+from jaxcap import command_line  # pylint: disable=g-import-not-at-top
 from jaxcap import parallel  # pylint: disable=g-import-not-at-top
 from jaxcap import train  # pylint: disable=g-import-not-at-top
 from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -26,8 +26,7 @@ from jaxcap.models import inception_v3  # pylint: disable=g-import-not-at-top
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, tokenizer, metrics and logs.')
 flags.mark_flag_as_required('workdir')
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
-flags.mark_flag_as_required('config')
+command_line.define_config_flag(help_string='Training configuration file.')
 flags.DEFINE_string('coordinator_address', None,
                     'Multi-host: host:port of process 0 (or $JAX_COORDINATOR_ADDRESS). Not needed '
                     'on Cloud TPU, SLURM or Open MPI, which JAX detects.')

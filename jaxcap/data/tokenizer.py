@@ -81,11 +81,13 @@ def train(captions: Iterable[str], vocab_size: int, model_type: str = 'bpe') -> 
 
 def load_or_train(workdir: str | os.PathLike, captions_fn: Callable[[], Iterable[str]],
                   vocab_size: int, model_type: str = 'bpe') -> Tokenizer:
-  """The workdir's tokenizer; trained on `captions_fn()` and saved there on first use."""
+  """The workdir's tokenizer; trained on `captions_fn()` and saved there on first use (the
+  workdir is created if it does not exist yet: a first command's normal case)."""
   path = os.path.join(workdir, MODEL_FILENAME)
   if os.path.exists(path):
     return Tokenizer.load(path)
   tokenizer = train(captions_fn(), vocab_size, model_type)
+  os.makedirs(workdir, exist_ok=True)
   tmp_path = path + '.tmp'
   with open(tmp_path, 'wb') as f:
     f.write(tokenizer.processor.serialized_model_proto())
