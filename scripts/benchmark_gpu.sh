@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/benchmarks.md: run from the repository root on a GPU machine with JAX.
-# Results are printed and written as JSON under ${OUT:-/tmp/jaxcap_bench}.
+#   bash scripts/benchmark_gpu.sh [EXTRA BENCHMARK FLAGS...]
+# Extra flags are appended to every run (the tests pass tiny sizes to run it on a CPU). Results
+# are printed and written as JSON (and each run's log) under ${OUT:-/tmp/jaxcap_bench}; the exit
+# code is 1 if any run failed.
 set -u
 OUT=${OUT:-/tmp/jaxcap_bench}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+EXTRA=("$@")
+FAILED=0
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+else
+  echo "no nvidia-smi: running on $(python3 -c 'import jax; print(jax.devices()[0].device_kind)')"
+fi
 B="python3 scripts/benchmark.py --steps 20 --warmup 3 --peak_matmul_size 8192"
 COCO="--config configs/coco.py --config.model.encoder_weights=None --batch_size 256"
 run() {
   name=$1; shift; echo "== $name"
-  timeout 150 $B --json "$OUT/$name.json" "$@" 2>&1 | grep -E '"(steps_per_sec|examples_per_sec|achieved_tflops|peak_tflops|mfu|tokens_per_sec)"' | tr -d '\n '; echo
+  if timeout 150 $B --json "$OUT/$name.json" "$@" "${EXTRA[@]}" > "$OUT/$name.log" 2>&1; then
+    grep -E '"(steps_per_sec|examples_per_sec|achieved_tflops|peak_tflops|mfu|tokens_per_sec)"' "$OUT/$name.json" | tr -d '\n '; echo
+  else
+    echo "FAILED: see $OUT/$name.log"; tail -3 "$OUT/$name.log"; FAILED=1
+  fi
 }
 run encoder_bf16_b256 $COCO --mode encoder --config.model.dtype=bfloat16
 run train_frozen_bf16_b256 $COCO --mode train --config.model.dtype=bfloat16
@@ -21,3 +34,4 @@ run decoder_bf16_b1024 $DEC --batch_size 1024 --mode decoder --config.model.dtyp
 run decoder_resident_bf16_b1024 $DEC --batch_size 1024 --mode decoder_resident --config.model.dtype=bfloat16
 # A COCO-sized epoch: 405 batches of 1024 = 414,720 captions resident; epoch seconds = 405 / steps_per_sec.
 run decoder_resident_coco_epoch_bf16_b1024 $DEC --batch_size 1024 --mode decoder_resident --num_batches 405 --steps 405 --config.resident.steps_per_call=405 --config.model.dtype=bfloat16
+exit $FAILED

@@ -97,3 +97,22 @@ def test_process_shards_are_disjoint_and_cover_the_split(config, prepared):
     ids.append([i for b in input_pipeline.eval_batches(ds, 4) for i, m in zip(b['image/id'], b['mask']) if m])
   assert not set(ids[0]) & set(ids[1])
   assert sorted(ids[0] + ids[1]) == sorted(captions.image_ids.tolist())
+
+
+def test_every_process_runs_the_same_batches_even_with_an_empty_share(config, prepared):
+  # 12 images over 16 processes: 4 processes get none, and must still run the padding batch
+  # the others run, or the collective calls of evaluation and feature extraction hang.
+  builder, _, tokenizer = prepared
+  captions = input_pipeline.read_captions(builder, 'val')
+  table = input_pipeline.TokenTable.build(captions, tokenizer, config.data.max_len)
+  num_batches = input_pipeline.batches_per_process(builder, 'val', 4, 16)
+  real = 0
+  for process in range(16):
+    ds = input_pipeline.eval_dataset(builder, 'val', table, config.data, batch_size=4,
+                                     process_index=process, process_count=16)
+    batches = list(input_pipeline.eval_batches(ds, 4, num_batches))
+    assert len(batches) == num_batches == 1, process
+    assert batches[0]['image'].shape == (4, 32, 32, 3) and batches[0]['tokens'].shape == (4, 5, 24)
+    assert batches[0]['mask'].dtype == np.int32
+    real += int(batches[0]['mask'].sum())
+  assert real == 12

@@ -208,8 +208,15 @@ def keep(*names: str):
 # --------------------------------------------------------------------------- streams
 
 
-def _process_split(split: str, process_index: int, process_count: int) -> str:
-  return tfds.even_splits(split, n=process_count)[process_index]
+def _process_share(builder: tfds.core.DatasetBuilder, split: str, process_index: int,
+                   process_count: int, **as_dataset_kwargs) -> tf.data.Dataset:
+  """This process's even share of `split`, in order. A split smaller than the number of
+  processes leaves some shares empty: tfds refuses to read those, so they are the split cut to
+  nothing (same features)."""
+  share = tfds.even_splits(split, n=process_count)[process_index]
+  if builder.info.splits[share].num_examples == 0:
+    return builder.as_dataset(split=split, shuffle_files=False, **as_dataset_kwargs).take(0)
+  return builder.as_dataset(split=share, shuffle_files=False, **as_dataset_kwargs)
 
 
 def input_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
@@ -319,8 +326,8 @@ def image_dataset(builder: tfds.core.DatasetBuilder, split: str,
   """This process's images of `split` in order from its `start`-th, preprocessed as for
   evaluation: batches of 'image', 'image/id' (int32) and 'mask'. Images before `start` are
   read but not decoded."""
-  ds = builder.as_dataset(split=_process_split(split, process_index, process_count),
-                          shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})
+  ds = _process_share(builder, split, process_index, process_count,
+                      decoders={'image': tfds.decode.SkipDecoding()})
   ds = ds.map(keep('image', 'image/id')).skip(start)
   ds = ds.map(_decode_image(builder), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
@@ -336,8 +343,7 @@ def eval_dataset(builder: tfds.core.DatasetBuilder, split: str, table: TokenTabl
   Batches hold 'image', 'tokens' (B, C, L), 'image/id' and 'mask' (1 for real images); the
   last batch is padded to `batch_size` with mask 0 so every batch has one shape.
   """
-  ds = builder.as_dataset(split=_process_split(split, process_index, process_count),
-                          shuffle_files=False)
+  ds = _process_share(builder, split, process_index, process_count)
   ds = ds.map(keep('image', 'image/id'), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(table.lookup_fn(), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
@@ -354,13 +360,17 @@ def pad_batch(batch: Batch, batch_size: int) -> Batch:
 
 
 def eval_batches(ds: tf.data.Dataset, batch_size: int, num_batches: int | None = None) -> Iterator[Batch]:
-  """Batches padded to `batch_size`, then (to `num_batches`) batches of padding only."""
-  count, last = 0, None
+  """Batches padded to `batch_size`, then (to `num_batches`) batches of padding only.
+
+  A process whose share of a split is empty (a split smaller than the number of processes)
+  still yields `num_batches` padding batches, shaped from `ds.element_spec`: every process must
+  make the same collective calls."""
+  count = 0
   for batch in ds.as_numpy_iterator():
-    last = pad_batch(batch, batch_size)
     count += 1
-    yield last
-  if last is not None:
-    empty = {k: np.zeros_like(v) for k, v in last.items()}
-    for _ in range(count, num_batches or 0):
+    yield pad_batch(batch, batch_size)
+  if count < (num_batches or 0):
+    empty = {k: np.zeros((batch_size, *spec.shape[1:]), spec.dtype.as_numpy_dtype)
+             for k, spec in ds.element_spec.items()}
+    for _ in range(count, num_batches):
       yield empty

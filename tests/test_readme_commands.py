@@ -1,0 +1,447 @@
+"""Every command that README.md and docs/benchmarks.md show runs, from workdirs that do not exist.
+
+The commands are read from the two files (fenced `bash` blocks, `$ ` lines of `console` blocks,
+and inline code that starts with `python`, `bash` or `.venv/bin/`), so an edited command is the
+command tested. Each runs as written, as a subprocess in a fresh folder laid out like a checkout
+(`scripts/`, `configs/`, `.venv` and `../shared` are links to the real ones), with the tiny sizes
+the other tests use appended as overrides (the last flag wins). What cannot exist here is stood
+in for, and the output says so:
+- COCO: `coco_captions` from tfds needs a 38 GB download, so COCO configs get
+  `--config.data.coco_dir=` a COCO-format folder of real JPEG files (tests/coco_fixture.py).
+- Keras' ImageNet weights: a Keras InceptionV3 with random weights, saved as the legacy HDF5 file
+  that Keras would have downloaded, lies in the command's `~/.keras/models` (HOME is a test
+  folder), where Keras finds it instead of downloading.
+- Other hosts: the coordinator address becomes 127.0.0.1 and a free port, `/shared/` a test
+  folder, and the processes of one multi-host example run together on this machine.
+- The install steps of the quick start and the test command itself (quick-start command 2) are
+  what `.ci/run` runs: the test checks that `.ci/run` runs quick-start command 2 verbatim, and
+  that command 1 installs the same package without the test extra.
+- The peers in `../shared/peers` run when that folder exists (it is not part of this
+  repository) and their framework is installed (torch is not a jaxcap dependency).
+Benchmark commands run with TensorFlow unimportable, as on accelerator hosts without it. Outputs
+are checked where the documents say what they are (caption lines and JSON, evaluation files and
+metrics against pycocoevalcap run directly, benchmark JSON). The benchmarks (synthetic inputs, no
+dataset, no workdir) run beside the README's workflow, in a second thread, to use both cores.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib
+import json
+import os
+import pathlib
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import coco_fixture
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCUMENTS = ('README.md', 'docs/benchmarks.md')
+pytestmark = pytest.mark.slow
+
+# The tiny sizes of tests/conftest.py's tiny_config, as overrides for any config of configs/.
+_TINY_CONFIG = (
+    '--config.batch_size=8', '--config.num_train_steps=2', '--config.log_every_steps=2',
+    '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2',
+    '--config.data.vocab_size=64', '--config.data.shuffle_buffer=8',
+    '--config.data.shapes.image_size=32', '--config.data.shapes.max_objects=2',
+    '--config.data.shapes.train_size=64', '--config.data.shapes.val_size=12',
+    '--config.data.shapes.test_size=12', '--config.model.small_cnn.features=(8, 16)',
+    '--config.model.image_bottleneck=16', '--config.model.embed_dim=16',
+    '--config.model.lstm_size=32', '--config.model.logit_bottleneck=16',
+    '--config.optimizer.warmup_steps=1', '--config.eval.batch_size=8',
+    '--config.eval.num_printed_examples=1', '--config.features.batch_size=8',
+    '--config.features.batches_per_part=1', '--config.resident.steps_per_call=2')
+# InceptionV3 needs 75 pixels at least; small_cnn runs at the tests' 32.
+_IMAGE_SIZE = {'inception_v3': 75}
+_TINY_BENCHMARK = ('--batch_size', '4', '--steps', '1', '--warmup', '1', '--vocab_size', '64',
+                   '--num_batches', '2', '--peak_matmul_size', '128', '--embedding_dim', '32')
+_TINY_PEER = {'keras_show_tell.py': ('--batch_size', '4', '--vocab_size', '64', '--steps', '1',
+                                     '--warmup', '1'),
+              'torch_show_tell.py': ('--batch_size', '4', '--vocab_size', '64', '--steps', '1',
+                                     '--warmup', '1'),
+              'keras_inception_infer.py': ('--batch_size', '1', '--steps', '1')}
+_PEER_FRAMEWORK = {'keras_show_tell.py': 'keras', 'torch_show_tell.py': 'torch',
+                   'keras_inception_infer.py': 'keras'}
+_INSTALL = re.compile(r'^(python3 -m venv \.venv|\.venv/bin/pip install .*)$')
+_TIMEOUT_S = 600
+
+
+@dataclasses.dataclass
+class DocCommand:
+  source: str  # 'README.md:13'
+  text: str  # As written, continuation lines joined.
+
+
+def _inline_commands(line: str) -> list[str]:
+  return [span for span in re.findall(r'`([^`]+)`', line)
+          if re.match(r'(python3? |bash |\.venv/bin/)', span)]
+
+
+def read_commands(relative_path: str) -> list[DocCommand]:
+  """The shell commands a markdown file shows, in order."""
+  commands, fence, pending, pending_line = [], None, '', 0
+  for number, line in enumerate((ROOT / relative_path).read_text().splitlines(), 1):
+    fence_match = re.match(r'^```(\w*)', line)
+    if fence_match:
+      fence = None if fence is not None else fence_match.group(1)
+      continue
+    if fence == 'bash':
+      stripped = line.strip()
+      if not pending and (not stripped or stripped.startswith('#')):
+        continue
+      pending_line = pending_line if pending else number
+      pending += stripped[:-1] + ' ' if stripped.endswith('\\') else stripped
+      if not stripped.endswith('\\'):
+        commands.append(DocCommand(f'{relative_path}:{pending_line}', ' '.join(pending.split())))
+        pending = ''
+    elif fence == 'console':
+      if line.startswith('$ '):
+        commands.append(DocCommand(f'{relative_path}:{number}', line[2:].strip()))
+    elif fence is None:
+      commands += [DocCommand(f'{relative_path}:{number}', c) for c in _inline_commands(line)]
+  return commands
+
+
+def _ci_command() -> str:
+  lines = [line for line in (ROOT / '.ci' / 'run').read_text().splitlines()
+           if line.strip() and not line.startswith('#') and not line.startswith(('set ', 'cd '))]
+  assert len(lines) == 1, lines
+  return lines[0].strip()
+
+
+@dataclasses.dataclass
+class Checkout:
+  """A fresh folder laid out like the repository, where the commands run."""
+  repo: pathlib.Path
+  home: pathlib.Path
+  tfds_dir: str
+  coco_dir: str
+  shared_storage: pathlib.Path
+  results: pathlib.Path
+  no_tensorflow: pathlib.Path
+
+
+def _legacy_keras_weights(path: pathlib.Path) -> None:
+  """Keras' InceptionV3 without the top, random weights, in the legacy HDF5 layout of the
+  ImageNet file Keras downloads."""
+  code = (
+      'import sys, h5py, keras\n'
+      'from keras.src.legacy.saving import legacy_h5_format\n'
+      'keras.utils.set_random_seed(0)\n'
+      'model = keras.applications.InceptionV3(weights=None, include_top=False)\n'
+      'with h5py.File(sys.argv[1], "w") as f:\n'
+      '  legacy_h5_format.save_weights_to_hdf5_group(f, model)\n')
+  path.parent.mkdir(parents=True, exist_ok=True)
+  subprocess.run([sys.executable, '-c', code, str(path)], check=True, timeout=_TIMEOUT_S,
+                 env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+
+
+def _my_images(folder: pathlib.Path) -> None:
+  """The README's my_images/: three colour scenes, a grayscale photo and a text file."""
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (128, 128), dtype=np.uint8)).save(folder / 'gray_128px.jpg')
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f'scene{i}.png')
+  (folder / 'readme.txt').write_text('not an image')
+
+
+@pytest.fixture(scope='module')
+def checkout(tmp_path_factory, data_dir) -> Checkout:
+  base = tmp_path_factory.mktemp('readme')
+  repo = base / 'repo'
+  repo.mkdir()
+  for name in ('scripts', 'configs', 'jaxcap', 'tests'):
+    (repo / name).symlink_to(ROOT / name)
+  (repo / '.venv').symlink_to(sys.prefix)
+  if (ROOT.parent / 'shared').exists():
+    (base / 'shared').symlink_to(ROOT.parent / 'shared')
+  home = base / 'home'
+  _legacy_keras_weights(
+      home / '.keras' / 'models' / 'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5')
+  _my_images(repo / 'my_images')
+  no_tensorflow = base / 'no_tensorflow' / 'tensorflow'
+  no_tensorflow.mkdir(parents=True)
+  (no_tensorflow / '__init__.py').write_text(
+      "raise ImportError('TensorFlow is hidden: accelerator hosts run benchmarks without it')\n")
+  return Checkout(repo, home, data_dir, coco_fixture.make_coco_dir(str(base / 'coco')),
+                  base / 'shared_storage', base / 'results', no_tensorflow.parent)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Plan:
+  """How one documented command runs here."""
+  command: DocCommand
+  argv: list[str]
+  env: dict[str, str]
+  stand_in: str = ''  # What was stood in for, if anything.
+  expected_returncode: int = 0
+  json_path: pathlib.Path | None = None
+  not_run: str = ''  # Why it is not run as a subprocess of this test.
+
+
+def _config_overrides(argv: list[str], checkout: Checkout) -> tuple[list[str], str]:
+  """Tiny sizes for the config named by --config, and the COCO stand-in where needed."""
+  config_path = pathlib.Path(argv[argv.index('--config') + 1])
+  config = importlib.import_module(f'configs.{config_path.stem}').get_config()
+  image_size = _IMAGE_SIZE.get(config.model.encoder, 32)
+  extra = [*_TINY_CONFIG, f'--config.data.image_size={image_size}',
+           f'--config.data.data_dir={checkout.tfds_dir}']
+  stand_in = ''
+  if config.data.name == 'coco_captions' and not any(a.startswith('--config.data.coco_dir') for a in argv):
+    extra.append(f'--config.data.coco_dir={checkout.coco_dir}')
+    stand_in = 'COCO-format test folder for the tfds download'
+  return extra, stand_in
+
+
+def plan(command: DocCommand, checkout: Checkout) -> Plan:
+  # One CPU device, as a user's machine has (conftest forces 8 for this process).
+  env = {**os.environ, 'HOME': str(checkout.home), 'TF_CPP_MIN_LOG_LEVEL': '2', 'XLA_FLAGS': '',
+         'PATH': f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
+         # Identical programs of different commands compile once.
+         'JAX_COMPILATION_CACHE_DIR': str(checkout.home / 'jax_cache')}
+  env.pop('KERAS_HOME', None)
+  segments = [s.strip() for s in command.text.split('&&')]
+  if '-m pytest' in command.text:
+    return Plan(command, [], env, not_run='the test command: .ci/run runs it (checked below)')
+  installs = [s for s in segments if _INSTALL.match(s)]
+  segments = [s for s in segments if not _INSTALL.match(s)]
+  assert len(segments) == 1, f'{command.source}: one command per line, please: {command.text}'
+  argv = [str(checkout.home) + a[1:] if a.startswith('~/') else a
+          for a in shlex.split(segments[0], comments=True)]
+  stand_ins = ['install steps: run by .ci/run'] if installs else []
+  if argv[0] in ('python', 'python3', '.venv/bin/python'):
+    argv[0] = sys.executable
+  program = pathlib.Path(argv[1]).name
+  result = Plan(command, argv, env)
+  if argv[1].startswith('../shared/peers/'):
+    framework = _PEER_FRAMEWORK[program]
+    if not (checkout.repo.parent / argv[1][3:]).exists():
+      result.not_run = f'{argv[1]} is not beside this checkout (the peers are not part of it)'
+    elif subprocess.run([sys.executable, '-c', f'import {framework}'],
+                        capture_output=True).returncode:
+      result.not_run = f'{framework} is not installed (a peer\'s framework, not a jaxcap dependency)'
+    argv += _TINY_PEER[program]
+  elif program in ('train.py', 'prepare_data.py', 'extract_features.py'):
+    extra, stand_in = _config_overrides(argv, checkout)
+    argv += extra
+    stand_ins += [stand_in] if stand_in else []
+    for i, arg in enumerate(argv):
+      if arg.startswith('--coordinator_address='):
+        argv[i] = f'--coordinator_address=127.0.0.1:{{port}}'
+        stand_ins.append('this machine for the other hosts')
+      if arg.startswith('/shared/'):
+        argv[i] = str(checkout.shared_storage / arg[len('/shared/'):])
+  elif program == 'benchmark.py':
+    extra, _ = _config_overrides(argv, checkout)
+    result.json_path = checkout.results / (re.sub(r'\W+', '_', command.source + command.text)[:200] + '.json')
+    argv += [*extra, *_TINY_BENCHMARK, '--json', str(result.json_path)]
+    env['PYTHONPATH'] = f'{checkout.no_tensorflow}{os.pathsep}{env.get("PYTHONPATH", "")}'
+  elif program == 'benchmark_gpu.sh':
+    argv += [*_TINY_CONFIG, '--config.data.image_size=75', *_TINY_BENCHMARK]
+    env['OUT'] = str(checkout.results / 'gpu')
+    env['PYTHONPATH'] = f'{checkout.no_tensorflow}{os.pathsep}{env.get("PYTHONPATH", "")}'
+  elif program == 'convert_weights.py':
+    if '--keras' in argv and argv[argv.index('--keras') + 1] == 'imagenet':
+      stand_ins.append("random-weight Keras file in ~/.keras/models for Keras' ImageNet download")
+    elif any(a.startswith(str(checkout.home)) for a in argv):
+      stand_ins.append('random-weight Keras file for the ImageNet one')
+  elif program == 'caption.py':
+    result.expected_returncode = 1 if 'my_images/' in argv else 0  # readme.txt: see the README.
+  result.stand_in = '; '.join(stand_ins)
+  return result
+
+
+def _run_together(plans: list[Plan], checkout: Checkout) -> list[subprocess.CompletedProcess]:
+  """Starts the plans' processes at once (a multi-host example), output to files (a full pipe
+  would stall a process while its peer is waited for); waits for all of them."""
+  port, logs = _free_port(), checkout.results / 'logs'
+  logs.mkdir(parents=True, exist_ok=True)
+  processes, files = [], []
+  for p in plans:
+    stem = logs / re.sub(r'\W+', '_', p.command.source + p.command.text)[:200]
+    out, err = open(f'{stem}.out', 'w+'), open(f'{stem}.err', 'w+')
+    files.append((out, err))
+    processes.append(subprocess.Popen([a.replace('{port}', str(port)) for a in p.argv],
+                                      cwd=checkout.repo, env=p.env, stdout=out, stderr=err, text=True))
+  results = []
+  try:
+    for p, process, (out, err) in zip(plans, processes, files):
+      process.wait(timeout=_TIMEOUT_S)
+      out.seek(0)
+      err.seek(0)
+      results.append(subprocess.CompletedProcess(p.argv, process.returncode, out.read(), err.read()))
+  finally:
+    for process, (out, err) in zip(processes, files):
+      process.kill()
+      out.close()
+      err.close()
+  return results
+
+
+def _check_benchmark(p: Plan, result, checkout: Checkout) -> None:
+  del result, checkout
+  results = json.loads(p.json_path.read_text())
+  _check_benchmark_json(results)
+
+
+def _check_benchmark_json(results: dict) -> None:
+  assert results['steps_per_sec'] > 0 and results['examples_per_sec'] > 0, results
+  assert results['flops_per_step'] > 0 and 0 < results['mfu'], results
+  assert ('tokens_per_sec' in results) == (results['mode'] in ('train', 'decoder', 'decoder_resident'))
+
+
+def _check_benchmark_gpu(p: Plan, result, checkout: Checkout) -> None:
+  del p
+  names = sorted(n for n in os.listdir(checkout.results / 'gpu') if n.endswith('.json'))
+  assert len(names) == result.stdout.count('== ') == 9, (names, result.stdout)
+  for name in names:
+    _check_benchmark_json(json.loads((checkout.results / 'gpu' / name).read_text()))
+
+
+def _check_caption(p: Plan, result, checkout: Checkout) -> None:
+  """Lines `path<TAB>caption` for the images, errors on stderr; or the JSON list."""
+  del checkout
+  args = p.argv[2:]
+  paths = [a for i, a in enumerate(args) if not a.startswith('-') and
+           (i == 0 or args[i - 1] not in ('--workdir', '--step', '--beam', '--temperature'))]
+  if '--json' in p.argv:
+    entries = json.loads(result.stdout)
+    assert [e['path'] for e in entries] == paths and all(isinstance(e['caption'], str) for e in entries)
+    return
+  lines = result.stdout.strip().split('\n')
+  assert [line.split('\t')[0] for line in lines] == [
+      f'my_images/{n}' for n in ('gray_128px.jpg', 'scene0.png', 'scene1.png', 'scene2.png')], lines
+  assert all(len(line.split('\t')) == 2 for line in lines)
+  errors = [line for line in result.stderr.split('\n') if 'readme.txt' in line]
+  assert len(errors) == 1 and 'not a readable image' in errors[0], result.stderr
+
+
+def _check_evaluate(p: Plan, result, checkout: Checkout) -> None:
+  """The results file and the metrics file it prints, the metrics equal to pycocoevalcap's own
+  on that results file."""
+  from jaxcap import evaluate  # pylint: disable=g-import-not-at-top
+  from jaxcap import inference  # pylint: disable=g-import-not-at-top
+  from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  match = re.search(r'^(\w+) step (\d+) (\w+): .*cider=.* \| (\S+)\.json$', result.stdout, re.M)
+  assert match, result.stdout
+  split, step, method, stem = match.groups()
+  assert split == p.argv[p.argv.index('--split') + 1]
+  assert method == (f'beam{p.argv[p.argv.index("--beam") + 1]}' if '--beam' in p.argv else 'greedy')
+  stem = checkout.repo / stem
+  generated = json.loads(stem.with_name(stem.name + '.json').read_text())
+  metrics = json.loads(stem.with_name(stem.name + '_metrics.json').read_text())
+  assert metrics['step'] == int(step) and metrics['num_images'] == len(generated) > 0
+  assert set(generated[0]) == {'image_id', 'caption'}
+  workdir = str(checkout.repo / p.argv[p.argv.index('--workdir') + 1])
+  config = inference.load_config(workdir)
+  captions = input_pipeline.read_captions(input_pipeline.get_builder(config.data), split)
+  references = dict(zip(captions.image_ids.tolist(), captions.texts))
+  direct = evaluate.coco_metrics(references, {g['image_id']: g['caption'] for g in generated})
+  for key, value in direct.items():
+    assert metrics[key] == pytest.approx(value, abs=1e-9), key
+  assert 'scene_accuracy' in metrics and metrics['decode']['method'] == method.rstrip('0123456789')
+
+
+_CHECKS = {'benchmark.py': _check_benchmark, 'benchmark_gpu.sh': _check_benchmark_gpu,
+           'caption.py': _check_caption, 'evaluate.py': _check_evaluate}
+
+
+def _coordinator(p: Plan) -> str | None:
+  match = re.search(r'--coordinator_address=(\S+)', p.command.text)
+  return match and match.group(1)
+
+
+def _groups(plans: list[Plan]) -> list[list[Plan]]:
+  """Consecutive processes of one multi-host example form one group; others are alone."""
+  groups: list[list[Plan]] = []
+  for p in plans:
+    processes = next((int(a.split('=')[1]) for a in p.argv if a.startswith('--num_processes=')), 1)
+    if processes > 1 and groups and _coordinator(groups[-1][0]) == _coordinator(p) and \
+        len(groups[-1]) < processes:
+      groups[-1].append(p)
+    else:
+      groups.append([p])
+  return groups
+
+
+def _run_in_order(plans: list[Plan], checkout: Checkout, report) -> list[str]:
+  """Runs the plans' groups one after the other; returns the failures."""
+  failures = []
+  for group in _groups(plans):
+    runnable = [p for p in group if not p.not_run]
+    for p in group:
+      if p.not_run:
+        report(f'  [not run] {p.command.source}: {p.command.text}\n      why: {p.not_run}')
+    if not runnable:
+      continue
+    start = time.perf_counter()
+    results = _run_together(runnable, checkout)
+    seconds = time.perf_counter() - start
+    for p, result in zip(runnable, results):
+      problem = ''
+      if result.returncode != p.expected_returncode:
+        problem = f'exit {result.returncode} (expected {p.expected_returncode})'
+      else:
+        try:
+          _CHECKS.get(pathlib.Path(p.argv[1]).name, lambda *_: None)(p, result, checkout)
+        except (AssertionError, KeyError, ValueError, OSError) as error:
+          problem = f'output check failed: {error!r}'[:3000]
+      lines = [f'  [{"FAILED" if problem else "ok"} {seconds:.0f}s] {p.command.source}: {p.command.text}']
+      lines += [f'      stand-in: {p.stand_in}'] if p.stand_in else []
+      lines.append(f'      ran: {shlex.join(p.argv)}')
+      report('\n'.join(lines))
+      if problem:
+        failures.append(f'{p.command.source}: {p.command.text}\n  {problem}\n'
+                        f'{result.stdout[-1500:]}\n{result.stderr[-3000:]}')
+  return failures
+
+
+def _is_benchmark(p: Plan) -> bool:
+  return len(p.argv) > 1 and (pathlib.Path(p.argv[1]).name in ('benchmark.py', 'benchmark_gpu.sh')
+                              or p.argv[1].startswith('../shared/peers/'))
+
+
+def test_readme_and_benchmark_commands_run(checkout, capsys):
+  commands = [c for path in DOCUMENTS for c in read_commands(path)]
+  texts = [c.text for c in commands]
+  # The quick start: command 2 is .ci/run's; command 1 installs the same package, test extra aside.
+  quick_install, quick_test = texts[0], texts[1]
+  assert quick_test == _ci_command(), (quick_test, _ci_command())
+  install_1 = [s.strip() for s in quick_install.split('&&')][:2]
+  install_2 = [s.strip() for s in quick_test.split('&&')][:2]
+  assert install_1 == [install_2[0], install_2[1].replace(" -e '.[test]'", ' -e .')], install_1
+
+  seen, plans = set(), []
+  for command in commands:
+    if command.text not in seen:
+      seen.add(command.text)
+      plans.append(plan(command, checkout))
+  assert len(plans) >= 25, [p.command.text for p in plans]
+
+  with capsys.disabled():
+    print(f'\n{len(plans)} distinct commands from {", ".join(DOCUMENTS)} (workflow and benchmarks '
+          'side by side; seconds are wall time):', flush=True)
+    report = lambda text: print(text, flush=True)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      workflow = pool.submit(_run_in_order, [p for p in plans if not _is_benchmark(p)], checkout, report)
+      benchmarks = pool.submit(_run_in_order, [p for p in plans if _is_benchmark(p)], checkout, report)
+      failures = workflow.result() + benchmarks.result()
+  assert not failures, '\n\n'.join(failures)
