@@ -7,13 +7,14 @@ data-parallel train step wants, whatever default `jax.make_mesh` has in the inst
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Mapping
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint import multihost as orbax_multihost
 
 DATA_AXIS = 'data'
 
@@ -51,10 +52,24 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   return True
 
 
+# The longest a process waits at a barrier for its peers: process 0 may be downloading and
+# building COCO (tens of GB) while the others wait for the dataset. A peer that dies ends the
+# wait earlier: the coordination service reports it.
+BARRIER_TIMEOUT_S = 12 * 3600
+# Every process passes the same barriers in the same order, so the counter makes the same
+# unique key on each (the coordination service needs a new key for each barrier).
+_barrier_numbers = itertools.count()
+
+
 def sync_processes(name: str) -> None:
-  """Waits until every process reaches the barrier `name` (nothing to do with one process)."""
+  """Waits until every process reaches the barrier `name` (nothing to do with one process).
+
+  A barrier of the coordination service, not a collective: a collective's first use sets up
+  gloo with a 30 s deadline, too short for a peer that is building the dataset.
+  """
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'jaxcap: {name}')
+    wait = orbax_multihost.get_barrier_sync_fn()
+    wait(key=f'jaxcap: {name} #{next(_barrier_numbers)}', timeout_ms=BARRIER_TIMEOUT_S * 1000)
 
 
 def make_mesh(devices=None) -> Mesh:

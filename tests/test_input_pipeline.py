@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from jaxcap.data import input_pipeline
 from jaxcap.data import tokenizer as tokenizer_lib
@@ -97,6 +98,17 @@ def test_process_shards_are_disjoint_and_cover_the_split(config, prepared):
     ids.append([i for b in input_pipeline.eval_batches(ds, 4) for i, m in zip(b['image/id'], b['mask']) if m])
   assert not set(ids[0]) & set(ids[1])
   assert sorted(ids[0] + ids[1]) == sorted(captions.image_ids.tolist())
+
+
+def test_preprocessed_images_of_any_size_have_a_static_shape():
+  # Decoded JPEGs have an unknown size: the padding batches of an empty process share are shaped
+  # from the element spec, so preprocessing must state (image_size, image_size, 3).
+  images = tf.data.Dataset.from_generator(
+      lambda: iter([np.zeros((40, 50, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)]),
+      output_signature=tf.TensorSpec((None, None, 3), tf.uint8))
+  ds = images.map(lambda image: {'image': image}).map(input_pipeline.preprocess_image(32))
+  assert ds.element_spec['image'].shape == (32, 32, 3)
+  assert [b['image'].shape for b in ds.as_numpy_iterator()] == [(32, 32, 3)] * 2
 
 
 def test_every_process_runs_the_same_batches_even_with_an_empty_share(config, prepared):

@@ -408,11 +408,7 @@ def _run_in_order(plans: list[Plan], checkout: Checkout, report) -> list[str]:
       lines += [f'      stand-in: {p.stand_in}'] if p.stand_in else []
       lines.append(f'      ran: {shlex.join(p.argv)}')
       report('\n'.join(lines))
-      if problem and len(runnable) > 1:
-        # KNOWN FAILURE, left open in issue 11: the README's multi-host COCO example still
-        # hangs or fails on this machine after the empty-share fix; reported, not yet failing.
-        report(f'      KNOWN FAILURE (issue 11, multi-host example): {problem}')
-      elif problem:
+      if problem:
         failures.append(f'{p.command.source}: {p.command.text}\n  {problem}\n'
                         f'{result.stdout[-1500:]}\n{result.stderr[-3000:]}')
   return failures

@@ -166,12 +166,15 @@ def random_crop_and_flip(image: tf.Tensor, seed: tf.Tensor,
 
 
 def resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bilinear, antialiased resize to (size, size); images already that size pass unchanged."""
+  """Bilinear, antialiased resize to (size, size); images already that size pass unchanged.
+
+  The result's static shape says (size, size): padding batches are shaped from it."""
   shape = tf.shape(image)
-  return tf.cond(
+  resized = tf.cond(
       tf.logical_and(shape[0] == size, shape[1] == size),
       lambda: tf.cast(image, tf.float32),
       lambda: tf.image.resize(image, (size, size), antialias=True))
+  return tf.ensure_shape(resized, (size, size, image.shape[-1]))
 
 
 def preprocess_image(image_size: int):

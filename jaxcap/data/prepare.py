@@ -31,7 +31,13 @@ class PreparedData:
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
   """Builds (or finds) the dataset and trains (or loads) the workdir's tokenizer."""
   data = config.data
-  builder = input_pipeline.get_builder(data)
+  # Process 0 builds the dataset first; the others then find it (shared storage) or build their
+  # own copy: two processes building into one folder at once collide.
+  if jax.process_index() == 0:
+    builder = input_pipeline.get_builder(data)
+  parallel.sync_processes('dataset prepared')
+  if jax.process_index() != 0:
+    builder = input_pipeline.get_builder(data)
   train_captions = input_pipeline.read_captions(builder, data.train_split)
   # Process 0 trains the tokenizer; the others wait for it and load the same file.
   if jax.process_index() == 0:
