@@ -39,6 +39,8 @@ def get_config():
   model.encoder_weights = 'weights/inception_v3_notop'
   # Keras' value: the converted moving statistics are used as they are while frozen.
   model.bn_momentum = 0.99
+  # NIC and the FC model both need decoder dropout on COCO to not overfit.
+  model.dropout = 0.5
 
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 1_000

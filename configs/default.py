@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.loss_chunk_steps = 1
   # Time steps per iteration of the LSTM's scan; 1 is fastest on CPU.
   model.lstm_unroll = 1
+  # Dropout on the decoder's word embeddings and LSTM outputs during cross-entropy training
+  # (not in evaluation or self-critical training). 0 keeps the course model.
+  model.dropout = 0.0
   # Compute dtype, 'float32' or 'bfloat16'; parameters and optimizer state stay float32.
   model.dtype = 'float32'
 
@@ -127,6 +130,25 @@ def get_config() -> ml_collections.ConfigDict:
   # Decoder training on device-resident cached features (jaxcap/resident.py): optimizer steps
   # per jitted call. Logging, checkpoint and evaluation intervals are multiples of it.
   res.steps_per_call = 100
+
+  config.scst = scst = ml_collections.ConfigDict()
+  # Self-critical training (jaxcap/scst.py): fine-tunes the decoder of a cross-entropy run with
+  # the policy gradient of its sampled captions' CIDEr-D, computed on the device. Runs on cached
+  # features (features.enabled=True, model.train_encoder=False), resident.steps_per_call steps
+  # per call; config.batch_size counts images, each with num_samples sampled captions.
+  scst.enabled = False
+  # Workdir of the cross-entropy run to start from: its latest checkpoint (the encoder stays at
+  # its weights) and its tokenizer. The model fields must be the same as that run's.
+  scst.init_from = ml_collections.config_dict.placeholder(str)
+  # Captions sampled per image and step.
+  scst.num_samples = 5
+  # 'mean_of_others': each sample's baseline is the mean reward of the image's other samples;
+  # 'greedy': the reward of the image's greedy caption (the original SCST).
+  scst.baseline = 'mean_of_others'
+  # Softmax temperature of the sampling.
+  scst.temperature = 1.0
+  # Sampled captions hold at most max_len - 1 ids after BOS (EOS included).
+  scst.max_len = 20
 
   config.eval = ev = ml_collections.ConfigDict()
   # Global evaluation batch size (images).

@@ -15,16 +15,16 @@ def _forbid_specials(logits: jax.Array) -> jax.Array:
   return logits.astype(jnp.float32).at[..., PAD_ID].set(-jnp.inf).at[..., BOS_ID].set(-jnp.inf)
 
 
-def _token_by_token(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
+def _token_by_token(apply_fn: Callable[..., Any], variables: Any, embedding: jax.Array,
                     max_len: int, choose: Callable[[jax.Array, jax.Array], jax.Array],
                     rng: jax.Array) -> jax.Array:
-  """(B, max_len - 1) ids, each step's `choose(logits, key)` fed back; PAD after EOS.
+  """(B, max_len - 1) ids from (B, D) image embeddings, each step's `choose(logits, key)` fed
+  back; PAD after EOS.
 
   A fixed-length scan: shapes never depend on when captions end, so it compiles once.
   """
-  embedding = apply_fn(variables, images, method='encode')
   carry = apply_fn(variables, embedding, method='initial_state')
-  batch_size = images.shape[0]
+  batch_size = embedding.shape[0]
 
   def step(state, key):
     carry, tokens, done = state
@@ -39,11 +39,26 @@ def _token_by_token(apply_fn: Callable[..., Any], variables: Any, images: jax.Ar
   return tokens.T
 
 
+def greedy_from_embedding(apply_fn: Callable[..., Any], variables: Any, embedding: jax.Array,
+                          max_len: int) -> jax.Array:
+  """Greedy captions of (B, D) image embeddings (cached features, self-critical training)."""
+  return _token_by_token(apply_fn, variables, embedding, max_len,
+                         lambda logits, _: jnp.argmax(logits, -1), jax.random.key(0))
+
+
+def sample_from_embedding(apply_fn: Callable[..., Any], variables: Any, embedding: jax.Array,
+                          max_len: int, rng: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """Captions of (B, D) image embeddings sampled from softmax(logits / temperature)."""
+  return _token_by_token(
+      apply_fn, variables, embedding, max_len,
+      lambda logits, key: jax.random.categorical(key, logits / temperature), rng)
+
+
 def greedy_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
                   max_len: int) -> jax.Array:
   """Greedy captions (B, max_len - 1): the ids after BOS, EOS included, PAD after EOS."""
-  return _token_by_token(apply_fn, variables, images, max_len,
-                         lambda logits, _: jnp.argmax(logits, -1), jax.random.key(0))
+  embedding = apply_fn(variables, images, method='encode')
+  return greedy_from_embedding(apply_fn, variables, embedding, max_len)
 
 
 def beam_search(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
@@ -93,9 +108,8 @@ def beam_search(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
 def sample_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
                   rng: jax.Array, temperature: float = 1.0) -> jax.Array:
   """Captions sampled token by token from softmax(logits / temperature); PAD after EOS."""
-  return _token_by_token(
-      apply_fn, variables, images, max_len,
-      lambda logits, key: jax.random.categorical(key, logits / temperature), rng)
+  embedding = apply_fn(variables, images, method='encode')
+  return sample_from_embedding(apply_fn, variables, embedding, max_len, rng, temperature)
 
 
 def decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -62,11 +63,52 @@ def trained_on_features(config: ml_collections.ConfigDict) -> bool:
   return bool(config.get('features', {}).get('enabled', False))
 
 
+def self_critical(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.get('scst', {}).get('enabled', False))
+
+
+def _check_init_from(config: ml_collections.ConfigDict) -> str:
+  init_from = config.scst.init_from
+  if not init_from:
+    raise ValueError('config.scst.enabled=True needs config.scst.init_from: the workdir of a '
+                     'cross-entropy run to start from')
+  if not os.path.exists(os.path.join(init_from, CONFIG_FILENAME)):
+    raise FileNotFoundError(f'config.scst.init_from={init_from}: not a jaxcap workdir (no '
+                            f'{CONFIG_FILENAME}); train it first')
+  return init_from
+
+
+def copy_tokenizer(init_from: str, workdir: str) -> None:
+  """Gives a new self-critical workdir the tokenizer of the run it starts from."""
+  destination = os.path.join(workdir, tokenizer_lib.MODEL_FILENAME)
+  source = os.path.join(init_from or '', tokenizer_lib.MODEL_FILENAME)
+  if not os.path.exists(destination) and os.path.exists(source):
+    os.makedirs(workdir, exist_ok=True)
+    shutil.copyfile(source, destination + '.tmp')
+    os.replace(destination + '.tmp', destination)
+
+
+def init_from_state(config: ml_collections.ConfigDict,
+                    template: train_step_lib.TrainState) -> train_step_lib.TrainState:
+  """`template` (this config's initial full state) with the model of the latest checkpoint of
+  `config.scst.init_from`: where self-critical training starts, and where its encoder comes
+  from. The optimizer state and step stay the template's (a fresh start)."""
+  init_from = _check_init_from(config)
+  start = restore(init_from).state
+  layout = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  if layout(start.params) != layout(template.params):
+    raise ValueError(f'config.scst.init_from={init_from} holds a different model than '
+                     'config.model (or another vocabulary size): use the model fields of its '
+                     f'{CONFIG_FILENAME}')
+  return template.replace(params=start.params, batch_stats=start.batch_stats)
+
+
 def restore(workdir: str, step: int | None = None) -> Trained:
   """The latest checkpoint (or `step`) of a workdir, replicated over all devices.
 
   A run trained on cached features checkpoints the decoder alone: its encoder comes from
-  `config.model.encoder_weights` (or the seeded initialisation the cache was made with).
+  `config.model.encoder_weights` (or the seeded initialisation the cache was made with), or,
+  for self-critical training, from `config.scst.init_from`'s checkpoint.
   """
   config = load_config(workdir)
   tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(workdir, tokenizer_lib.MODEL_FILENAME))
@@ -75,6 +117,8 @@ def restore(workdir: str, step: int | None = None) -> Trained:
   on_features = trained_on_features(config)
   full_state = initial_state(config, model, mesh, captioner.load_encoder_weights(config.model)
                              if on_features else None)
+  if self_critical(config):
+    full_state = init_from_state(config, full_state)
   template = full_state
   if on_features:
     size = config.data.image_size

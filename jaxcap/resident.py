@@ -90,14 +90,17 @@ def place(embedding: np.ndarray, tokens: np.ndarray, image_index: np.ndarray,
   shard_tokens = np.asarray(tokens)[rows]
   shard_images = np.asarray(embedding)[:num_shards * images_per_shard].reshape(
       num_shards, images_per_shard, -1)
-  sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
-
-  def put(array):
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+  put = lambda array: put_sharded(array, mesh)
   return ResidentData(put(shard_images.astype(dtype)), put(shard_tokens),
                       put((image_index[rows] % images_per_shard).astype(np.int32)),
                       put(bucket_index(shard_tokens.reshape(-1, shard_tokens.shape[-1]), buckets)
                           .reshape(rows.shape)))
+
+
+def put_sharded(array: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array (the same on every process) split along its first axis over the mesh."""
+  sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def first_order(data: ResidentData, per_shard_batch: int) -> Order:
@@ -148,17 +151,20 @@ def make_train_steps(buckets: Sequence[int], per_shard_batch: int,
   """`(state, order, data, seed_key) -> (state, order, metrics)`: `steps_per_call` decoder
   steps in one `lax.scan`; metrics are stacked along a leading axis of that length."""
   def step_at(length):
-    def run(state, batch):
-      return train_step_lib.decoder_train_step(state, {**batch, 'tokens': batch['tokens'][:, :length]})
+    def run(state, batch, dropout_key):
+      return train_step_lib.decoder_train_step(
+          state, {**batch, 'tokens': batch['tokens'][:, :length]}, dropout_key)
     return run
 
   branches = [step_at(length) for length in buckets]
 
   def train_steps(state, order, data, seed_key):
+    dropout_key = train_step_lib.rng_stream(seed_key, 'dropout')
+
     def body(carry, _):
       state, order = carry
       order, batch, bucket = batch_at(data, order, seed_key, state.step, per_shard_batch)
-      state, metrics = jax.lax.switch(bucket, branches, state, batch)
+      state, metrics = jax.lax.switch(bucket, branches, state, batch, dropout_key)
       return (state, order), metrics
     (state, order), metrics = jax.lax.scan(body, (state, order), length=steps_per_call)
     return state, order, metrics

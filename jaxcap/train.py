@@ -25,6 +25,8 @@ from jaxcap import evaluate
 from jaxcap import inference
 from jaxcap import parallel
 from jaxcap import resident
+from jaxcap import rewards
+from jaxcap import scst
 from jaxcap import train_step as train_step_lib
 from jaxcap.data import input_pipeline
 from jaxcap.data import prepare
@@ -41,7 +43,8 @@ class NonFiniteLossError(FloatingPointError):
 # Fields that a resumed run may not change: they change the parameters, the optimizer state or
 # what the tokens mean. Other fields (steps, intervals, learning rate, ...) may change.
 _RESUME_LOCKED_PREFIXES = ('model.', 'data.name', 'data.vocab_size', 'data.tokenizer_type',
-                           'data.shapes.', 'data.coco_dir', 'optimizer.name', 'features.enabled')
+                           'data.shapes.', 'data.coco_dir', 'optimizer.name', 'features.enabled',
+                           'scst.enabled', 'scst.init_from')
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -59,7 +62,10 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
     old = _flatten(json.load(f))
   new = _flatten(json.loads(config.to_json_best_effort()))
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-  locked = [k for k in changed if k.startswith(_RESUME_LOCKED_PREFIXES)]
+  # A field added since the run was written (model.dropout, scst.*) is compatible at its off
+  # value (False, 0, None): that is how the run was trained.
+  locked = [k for k in changed if k.startswith(_RESUME_LOCKED_PREFIXES)
+            and (k in old or new.get(k))]
   if locked:
     raise ValueError(f'{workdir} holds a run with a different {", ".join(locked)} '
                      f'({", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in locked)}); '
@@ -81,6 +87,26 @@ def _raise_if_nonfinite(unchecked: list[tuple[int, jax.Array]], manager) -> None
           f'non-finite loss or gradient at step {step}; nothing after it was saved. Last good '
           f'checkpoint: step {manager.latest_step()} in {manager.directory}')
   unchecked.clear()
+
+
+# (summary key, name in the log line) of the train metrics, when the trainer reports them.
+_LOGGED = (('train_loss', 'loss'), ('train_token_accuracy', 'token acc'),
+           ('train_sample_reward', 'sample reward'), ('train_baseline_reward', 'baseline'),
+           ('train_greedy_reward', 'greedy reward'))
+
+
+def _train_summary(fetched: dict[str, np.ndarray]) -> dict[str, float]:
+  """Per-interval means of the step metrics: loss and token accuracy weighted by tokens."""
+  weights = fetched['num_tokens']
+  summary = {}
+  for key, values in fetched.items():
+    if key in ('loss', 'token_accuracy'):
+      summary[f'train_{key}'] = float(np.average(values, weights=weights))
+    elif key == 'grad_norm':
+      summary[key] = float(np.mean(values))
+    elif key != 'num_tokens':
+      summary[f'train_{key}'] = float(np.mean(values))
+  return summary
 
 
 def _format_duration(seconds: float) -> str:
@@ -113,7 +139,8 @@ def _streaming_trainer(config, prepared, train_table, state, mesh, batch_size: i
       prepared.builder, config.data.train_split, train_table, config.data, batch_size=batch_size,
       seed=config.seed, start_step=int(state.step), process_index=jax.process_index(),
       process_count=jax.process_count()).as_numpy_iterator()
-  step_fn = jax.jit(lambda s, b: _stack(train_step_lib.train_step(s, b)),
+  dropout_key = train_step_lib.rng_stream(jax.random.key(config.seed), 'dropout')
+  step_fn = jax.jit(lambda s, b: _stack(train_step_lib.train_step(s, b, dropout_key)),
                     in_shardings=(state_sharding, parallel.data_sharding(mesh)),
                     out_shardings=(state_sharding, state_sharding), donate_argnums=0)
 
@@ -132,9 +159,7 @@ def _resident_trainer(config, workdir, prepared, train_table, full_state, model,
                       manager) -> _Trainer:
   """The decoder alone on cached embeddings resident on the devices, K steps per call."""
   from jaxcap.data import feature_cache  # pylint: disable=g-import-not-at-top
-  if config.model.train_encoder:
-    raise ValueError('config.features.enabled=True trains on cached embeddings of a frozen '
-                     'encoder: set config.model.train_encoder=False')
+  _check_frozen_encoder(config)
   cached = feature_cache.extract(prepared.builder, config.data.train_split, config, full_state,
                                  mesh, feature_cache_dir(config, workdir))
   tokens, image_index = feature_cache.caption_rows(cached, train_table)
@@ -161,9 +186,62 @@ def _resident_trainer(config, workdir, prepared, train_table, full_state, model,
     state, holder['order'], metrics = compiled[num_steps](state, holder['order'], data, seed_key)
     return state, metrics
 
+  return _Trainer(state, run, config.resident.steps_per_call, _with_trained_decoder(full_state))
+
+
+def _with_trained_decoder(full_state: train_step_lib.TrainState) -> Callable:
+  """decoder state -> `full_state` with that decoder: the full model, for evaluation."""
   def full(decoder_state):
     return full_state.replace(params={**full_state.params, 'decoder': decoder_state.params['decoder']})
-  return _Trainer(state, run, config.resident.steps_per_call, full)
+  return full
+
+
+def _check_frozen_encoder(config: ml_collections.ConfigDict) -> None:
+  if config.model.train_encoder:
+    raise ValueError('config.features.enabled=True trains on cached embeddings of a frozen '
+                     'encoder: set config.model.train_encoder=False')
+
+
+def _scst_trainer(config, workdir, prepared, train_table, full_state, model, mesh,
+                  manager) -> _Trainer:
+  """Self-critical training of the decoder on cached embeddings resident on the devices, the
+  CIDEr-D reward computed in the step, K steps per call. `full_state` holds init_from's model."""
+  from jaxcap.data import feature_cache  # pylint: disable=g-import-not-at-top
+  if not config.features.enabled:
+    raise ValueError('config.scst.enabled=True trains on cached features: set '
+                     'config.features.enabled=True and config.model.train_encoder=False')
+  _check_frozen_encoder(config)
+  cached = feature_cache.extract(prepared.builder, config.data.train_split, config, full_state,
+                                 mesh, feature_cache_dir(config, workdir))
+  tokens, counts = feature_cache.references(cached, train_table)
+  # Rewards compare the ids after BOS, EOS included, as sampled captions have them.
+  scorer = rewards.CiderD.from_padded(tokens[:, :, 1:], counts, prepared.tokenizer.vocab_size)
+  data = scst.place(cached.embedding, scorer.references, mesh, captioner.DTYPES[config.model.dtype])
+  tables = jax.device_put(scorer.tables, parallel.replicated(mesh))
+  per_shard_batch = config.batch_size // mesh.size
+  images_per_shard = data.embedding.shape[1]
+  if images_per_shard < per_shard_batch:
+    raise ValueError(f'config.batch_size={config.batch_size} images per step is more than the '
+                     f'{images_per_shard * mesh.size} cached training images')
+  logging.info('Self-critical training: %d images with %d references each at most, %d samples '
+               'each, %s baseline, from %s', images_per_shard * mesh.size, tokens.shape[1],
+               config.scst.num_samples, config.scst.baseline, config.scst.init_from)
+
+  state = inference.initial_decoder_state(config, model, mesh, cached.embedding.shape[1])
+  # init_from's decoder with a fresh optimizer (Adam's moments start at zero for any parameters).
+  state = state.replace(params={'decoder': full_state.params['decoder']})
+  state = checkpoint.restore_latest(manager, state)
+  seed_key = jax.device_put(jax.random.key(config.seed), parallel.replicated(mesh))
+  compiled: dict[int, Callable] = {}
+
+  def run(state, num_steps):
+    if num_steps not in compiled:
+      compiled[num_steps] = scst.jit_scst_steps(
+          num_steps, per_shard_batch=per_shard_batch, num_samples=config.scst.num_samples,
+          baseline=config.scst.baseline, temperature=config.scst.temperature,
+          max_len=config.scst.max_len)
+    return compiled[num_steps](state, data, tables, seed_key)
+  return _Trainer(state, run, config.resident.steps_per_call, _with_trained_decoder(full_state))
 
 
 def feature_cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -208,6 +286,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_size = parallel.check_batch_size(config.batch_size, mesh)
   data = config.data
 
+  if config.scst.enabled and is_chief:
+    inference.copy_tokenizer(config.scst.init_from, workdir)  # The model's ids are init_from's.
+
   # Data and tokenizer.
   prepared = prepare.prepare(config, workdir)
   builder, tokenizer = prepared.builder, prepared.tokenizer
@@ -221,8 +302,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   full_state = inference.initial_state(config, model, mesh, encoder_weights)
   if encoder_weights is not None:
     logging.info('Encoder weights from %s', config.model.encoder_weights)
+  if config.scst.enabled:
+    full_state = inference.init_from_state(config, full_state)
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
-  if config.features.enabled:
+  if config.scst.enabled:
+    trainer = _scst_trainer(config, workdir, prepared, train_table, full_state, model, mesh, manager)
+    _check_intervals(config, trainer.steps_per_call)
+  elif config.features.enabled:
     trainer = _resident_trainer(config, workdir, prepared, train_table, full_state, model, mesh, manager)
     _check_intervals(config, trainer.steps_per_call)
   else:
@@ -289,26 +375,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         fetched = {k: np.concatenate([m[k] for m in pending_metrics]) for k in pending_metrics[0]}
         pending_metrics = []
         elapsed = time.perf_counter() - interval_start
-        weights = fetched['num_tokens']
-        summary = {
-            'train_loss': float(np.average(fetched['loss'], weights=weights)),
-            'train_token_accuracy': float(np.average(fetched['token_accuracy'], weights=weights)),
-            'grad_norm': float(np.mean(fetched['grad_norm'])),
-            'learning_rate': float(schedule(step - 1)),
-        }
+        summary = _train_summary(fetched)
+        summary['learning_rate'] = float(schedule(step - 1))
         speed = ''
         if step > interval_first_step:  # Not only the compilation step.
           steps_per_sec = (step - interval_first_step) / elapsed
           summary['steps_per_sec'] = steps_per_sec
           summary['examples_per_sec'] = steps_per_sec * config.batch_size
-          eta = _format_duration((config.num_train_steps - step) / steps_per_sec)
-          speed = (f' | {steps_per_sec:.2f} steps/s | {steps_per_sec * config.batch_size:.0f} '
-                   f'examples/s | ETA {eta}')
+          speed = f' | {steps_per_sec:.2f} steps/s | {steps_per_sec * config.batch_size:.0f} examples/s'
+          if config.scst.enabled:
+            summary['captions_per_sec'] = summary['examples_per_sec'] * config.scst.num_samples
+            speed += f' | {summary["captions_per_sec"]:.0f} sampled captions/s'
+          speed += f' | ETA {_format_duration((config.num_train_steps - step) / steps_per_sec)}'
         writer.write_scalars(step, summary)
         if is_chief:
           _append_jsonl(os.path.join(workdir, METRICS_FILENAME), {'step': step, 'split': 'train', **summary})
-        logging.info('step %d/%d | loss %.4f | token acc %.3f%s', step, config.num_train_steps,
-                     summary['train_loss'], summary['train_token_accuracy'], speed)
+        logging.info('step %d/%d | %s%s', step, config.num_train_steps, ' | '.join(
+            f'{name} {summary[key]:.4f}' for key, name in _LOGGED if key in summary), speed)
         interval_start, interval_first_step = time.perf_counter(), step
 
       if step % config.checkpoint_every_steps == 0 or is_last or preempted.is_set():

@@ -6,6 +6,7 @@ directly. The training loop around them lives in `jaxcap.train`.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +29,16 @@ class TrainState(train_state.TrainState):
   def variables(self) -> dict[str, Any]:
     """The model variables for `apply_fn` outside training: parameters and batch statistics."""
     return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def rng_stream(seed_key: jax.Array, name: str) -> jax.Array:
+  """A key of its own for one use of randomness (`name`), derived from the run's seed key."""
+  return jax.random.fold_in(seed_key, zlib.crc32(name.encode()))
+
+
+def _dropout_rngs(state: TrainState, dropout_key: jax.Array | None) -> dict[str, jax.Array]:
+  """The step's dropout rng: a pure function of (key, step), so a resumed run replays it."""
+  return {} if dropout_key is None else {'dropout': jax.random.fold_in(dropout_key, state.step)}
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -114,12 +125,15 @@ def _teacher_forced_step(state: TrainState, tokens: jax.Array, loss_sums_fn) -> 
   return new_state, metrics
 
 
-def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-  """One teacher-forced step on {'image': (B, H, W, 3), 'tokens': (B, L)}; loss masks PAD."""
+def train_step(state: TrainState, batch: Batch,
+               dropout_key: jax.Array | None = None) -> tuple[TrainState, Metrics]:
+  """One teacher-forced step on {'image': (B, H, W, 3), 'tokens': (B, L)}; loss masks PAD.
+  A model with dropout needs `dropout_key`."""
   def loss_sums_fn(params, inputs, targets, weights):
     variables = {'params': params, 'batch_stats': state.batch_stats}
     return state.apply_fn(variables, batch['image'], inputs, targets, weights, train=True,
-                          method='loss_sums', mutable=['batch_stats'])
+                          method='loss_sums', mutable=['batch_stats'],
+                          rngs=_dropout_rngs(state, dropout_key))
   return _teacher_forced_step(state, batch['tokens'], loss_sums_fn)
 
 
@@ -133,7 +147,8 @@ def create_decoder_state(config: ml_collections.ConfigDict, model: nn.Module, rn
                            tx=make_optimizer(config))
 
 
-def decoder_train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+def decoder_train_step(state: TrainState, batch: Batch,
+                       dropout_key: jax.Array | None = None) -> tuple[TrainState, Metrics]:
   """One teacher-forced step on {'embedding': (B, D), 'tokens': (B, L)}: the decoder alone.
 
   Any caption length L works (one compilation per length): batches cut to their longest
@@ -141,7 +156,8 @@ def decoder_train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Met
   """
   def loss_sums_fn(params, inputs, targets, weights):
     sums = state.apply_fn({'params': params}, batch['embedding'], inputs, targets, weights,
-                          method='caption_loss_sums')
+                          train=True, method='caption_loss_sums',
+                          rngs=_dropout_rngs(state, dropout_key))
     return sums, {}
   return _teacher_forced_step(state, batch['tokens'], loss_sums_fn)
 

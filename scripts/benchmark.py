@@ -9,7 +9,10 @@ grouped by length and cut to `config.data.length_buckets`), `decoder_resident` (
 steps, `config.resident.steps_per_call` per jitted call, data resident on the devices),
 `encoder` (image embeddings), `train` (one end-to-end train step with images), `decode`
 (captions from images with the configured decoding method), `pipeline` (the tf.data input of
-the config's dataset alone: needs TensorFlow and the dataset). Synthetic captions follow
+the config's dataset alone: needs TensorFlow and the dataset), `cider` (the device CIDEr-D of
+--batch_size candidates, 5 references each, beside pycocoevalcap's host scorer on the same
+inputs when it is installed) and `scst` (self-critical steps on synthetic cached features,
+`config.scst` settings, with the reward's share of the step). Synthetic captions follow
 COCO's lengths (words ~ N(10.5, 2.5), clipped, plus BOS and EOS, padded to max_len). Timing waits
 for the device and excludes compilation; FLOPs come from XLA's cost analysis of the lowered
 function (train steps with their scans unrolled; decode counts its token loop once), and the
@@ -37,13 +40,16 @@ from jaxcap import decode  # pylint: disable=g-import-not-at-top
 from jaxcap import inference  # pylint: disable=g-import-not-at-top
 from jaxcap import parallel  # pylint: disable=g-import-not-at-top
 from jaxcap import resident  # pylint: disable=g-import-not-at-top
+from jaxcap import rewards  # pylint: disable=g-import-not-at-top
+from jaxcap import scst  # pylint: disable=g-import-not-at-top
 from jaxcap import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
 from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID  # pylint: disable=g-import-not-at-top
 from jaxcap.models import captioner  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
 command_line.define_config_flag(help_string='Configuration file.')
-flags.DEFINE_enum('mode', 'train', ['decoder', 'decoder_resident', 'encoder', 'train', 'decode', 'pipeline'],
+flags.DEFINE_enum('mode', 'train', ['decoder', 'decoder_resident', 'encoder', 'train', 'decode', 'pipeline',
+                                    'cider', 'scst'],
                   'What to time.')
 flags.DEFINE_integer('embedding_dim', 2048, 'Image embedding size of the decoder mode (InceptionV3: 2048).')
 flags.DEFINE_integer('batch_size', None, 'Global batch (default: config.batch_size).')
@@ -58,6 +64,8 @@ flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
 
 # COCO captions: words per caption ~ N(mean, std), clipped to [_MIN_WORDS, max_len - 2].
 _COCO_WORDS_MEAN, _COCO_WORDS_STD, _MIN_WORDS = 10.5, 2.5, 5
+# Train steps of models with dropout (configs/coco.py) draw from it.
+_DROPOUT_KEY = jax.random.key(0)
 
 
 def synthetic_tokens(batch_size: int, max_len: int, vocab_size: int, seed: int = 0) -> np.ndarray:
@@ -139,14 +147,15 @@ def decoder_workload(config, mesh, batch_size: int, vocab_size: int, resident_st
       size=(len(tokens), FLAGS.embedding_dim)).astype(np.float32)
   model = captioner.create_model(config.model, vocab_size)
   state = inference.initial_decoder_state(config, model, mesh, FLAGS.embedding_dim)
-  step = jax.jit(train_step_lib.decoder_train_step, donate_argnums=0)
+  decoder_step = functools.partial(train_step_lib.decoder_train_step, dropout_key=_DROPOUT_KEY)
+  step = jax.jit(decoder_step, donate_argnums=0)
   # Host batches as a length-grouping input pipeline makes them.
   grouped = np.argsort(resident.bucket_index(tokens, buckets), kind='stable').reshape(num_batches, batch_size)
   batches = [parallel.shard_batch(resident.trim_to_bucket(
       {'embedding': embedding[rows], 'tokens': tokens[rows]}, buckets), mesh) for rows in grouped]
   # One count per batch shape (bucket length), weighted by how many batches have it.
   batch_of_length = {batch['tokens'].shape[1]: batch for batch in batches}
-  flops_of_length = {length: unrolled_step_flops(config, vocab_size, train_step_lib.decoder_train_step,
+  flops_of_length = {length: unrolled_step_flops(config, vocab_size, decoder_step,
                                                  state, batch) for length, batch in batch_of_length.items()}
   flops = np.mean([flops_of_length[batch['tokens'].shape[1]] for batch in batches])
   tokens_per_step = float((tokens[:, 1:] != PAD_ID).sum()) / num_batches
@@ -177,8 +186,9 @@ def image_workload(config, mesh, mode: str, batch_size: int, vocab_size: int) ->
       'image': np.random.default_rng(1).uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
       'tokens': tokens}, mesh)
   if mode == 'train':
-    step = jax.jit(train_step_lib.train_step, donate_argnums=0)
-    flops = unrolled_step_flops(config, vocab_size, train_step_lib.train_step, state, batch)
+    train_step = functools.partial(train_step_lib.train_step, dropout_key=_DROPOUT_KEY)
+    step = jax.jit(train_step, donate_argnums=0)
+    flops = unrolled_step_flops(config, vocab_size, train_step, state, batch)
     return Workload([functools.partial(_stateful(step, state), batch)], 1, flops,
                     float((tokens[:, 1:] != PAD_ID).sum()))
   if mode == 'encoder':
@@ -187,6 +197,82 @@ def image_workload(config, mesh, mode: str, batch_size: int, vocab_size: int) ->
     fn = jax.jit(lambda s, images: decode.decode(
         s.apply_fn, s.variables, images, config.data.max_len, config.decode, jax.random.key(0)))
   return Workload([functools.partial(fn, state, batch['image'])], 1, flops_of(fn, (state, batch['image'])))
+
+
+_REFERENCES_PER_IMAGE = 5
+
+
+def _synthetic_references(num_images: int, max_len: int, vocab_size: int) -> np.ndarray:
+  """(images, 5, max_len - 1) COCO-like references: ids after BOS, EOS included."""
+  tokens = synthetic_tokens(num_images * _REFERENCES_PER_IMAGE, max_len, vocab_size, seed=2)
+  return tokens[:, 1:].reshape(num_images, _REFERENCES_PER_IMAGE, max_len - 1)
+
+
+def cider_workload(config, batch_size: int, vocab_size: int) -> tuple[Workload, dict[str, float]]:
+  """CIDEr-D of `batch_size` candidates, one per image, against 5 references each. Candidates
+  are a reference with a third of its words replaced, so n-grams of every order match."""
+  references = _synthetic_references(batch_size, config.data.max_len, vocab_size)
+  rng = np.random.default_rng(3)
+  candidates = references[np.arange(batch_size), rng.integers(0, _REFERENCES_PER_IMAGE, batch_size)].copy()
+  replace = (rng.random(candidates.shape) < 1 / 3) & (candidates > EOS_ID)
+  candidates[replace] = rng.integers(4, vocab_size, replace.sum())
+  scorer = rewards.CiderD.from_padded(references, np.full(batch_size, _REFERENCES_PER_IMAGE), vocab_size)
+  gathered = jax.device_put(rewards.gather_references(scorer.references, np.arange(batch_size)))
+  tables, device_candidates = jax.device_put(scorer.tables), jax.device_put(candidates)
+  score = jax.jit(rewards.scores)
+  workload = Workload([functools.partial(score, tables, gathered, device_candidates)], 1,
+                      flops_of(score, (tables, gathered, device_candidates)))
+  extra = {'references_per_image': _REFERENCES_PER_IMAGE}
+  try:
+    from pycocoevalcap.cider import cider_scorer  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return workload, extra
+  words = lambda ids: ' '.join(str(i) for i in ids if i != PAD_ID)
+  host = cider_scorer.CiderScorer(n=rewards.MAX_N, sigma=rewards.SIGMA)
+  for candidate, refs in zip(candidates, references):
+    host += (words(candidate), [words(r) for r in refs])
+  host.compute_doc_freq()  # Once, as the device scorer's tables: the loop alone is timed.
+  start = time.perf_counter()
+  host_scores = np.asarray(host.compute_cider())
+  extra['host_scores_per_sec'] = batch_size / (time.perf_counter() - start)
+  device_scores = np.asarray(score(tables, gathered, device_candidates))
+  extra['max_abs_difference_to_host'] = float(np.max(np.abs(device_scores - host_scores)))
+  return workload, extra
+
+
+def scst_workload(config, mesh, batch_size: int, vocab_size: int) -> tuple[Workload, dict[str, float]]:
+  """Self-critical steps (config.scst) on synthetic cached embeddings and references, K per
+  call; also times the step's two reward computations alone, on inputs of the same shapes."""
+  num_images = batch_size * max(FLAGS.num_batches, 1)
+  references = _synthetic_references(num_images, config.data.max_len, vocab_size)
+  scorer = rewards.CiderD.from_padded(references, np.full(num_images, _REFERENCES_PER_IMAGE), vocab_size)
+  embedding = np.random.default_rng(1).normal(size=(num_images, FLAGS.embedding_dim)).astype(np.float32)
+  data = scst.place(embedding, scorer.references, mesh, captioner.DTYPES[config.model.dtype])
+  tables = jax.device_put(scorer.tables, parallel.replicated(mesh))
+  model = captioner.create_model(config.model, vocab_size)
+  state = inference.initial_decoder_state(config, model, mesh, FLAGS.embedding_dim)
+  seed_key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
+  settings = dict(per_shard_batch=batch_size // mesh.size, num_samples=config.scst.num_samples,
+                  baseline=config.scst.baseline, temperature=config.scst.temperature,
+                  max_len=config.scst.max_len)
+  steps_per_call = config.resident.steps_per_call
+  train_steps = scst.jit_scst_steps(steps_per_call, **settings)
+  flops = flops_of(scst.jit_scst_steps(1, **settings), (state, data, tables, seed_key))
+  call = _stateful(train_steps, state)
+
+  # The reward alone: samples (B * S) and greedy captions (B) of the step's lengths.
+  samples = batch_size * config.scst.num_samples
+  candidates = _synthetic_references(samples + batch_size, config.scst.max_len, vocab_size)[:, 0]
+  image_index = np.random.default_rng(4).integers(0, num_images, samples + batch_size)
+  gathered = jax.device_put(rewards.gather_references(scorer.references, image_index),
+                            parallel.data_sharding(mesh))
+  candidates = jax.device_put(candidates, parallel.data_sharding(mesh))
+  score = jax.jit(rewards.scores)
+  reward_seconds = time_calls([functools.partial(score, tables, gathered, candidates)],
+                              max(FLAGS.steps, 3), FLAGS.warmup)
+  return (Workload([functools.partial(call, data, tables, seed_key)], steps_per_call, flops),
+          {'reward_seconds_per_step': reward_seconds, 'num_samples': config.scst.num_samples,
+           'baseline': config.scst.baseline, 'steps_per_call': steps_per_call})
 
 
 def pipeline_workload(config, batch_size: int) -> Workload:
@@ -206,13 +292,18 @@ def main(argv):
     config.data.max_len = FLAGS.max_len
   batch_size = FLAGS.batch_size or config.batch_size
   mode = FLAGS.mode
+  extra: dict[str, Any] = {}
   if mode == 'pipeline':
     workload = pipeline_workload(config, batch_size)
+  elif mode == 'cider':
+    workload, extra = cider_workload(config, batch_size, FLAGS.vocab_size)
   else:
     mesh = parallel.make_mesh()
     parallel.check_batch_size(batch_size, mesh, 'batch_size (--batch_size)')
     if mode in ('decoder', 'decoder_resident'):
       workload = decoder_workload(config, mesh, batch_size, FLAGS.vocab_size, mode == 'decoder_resident')
+    elif mode == 'scst':
+      workload, extra = scst_workload(config, mesh, batch_size, FLAGS.vocab_size)
     else:
       workload = image_workload(config, mesh, mode, batch_size, FLAGS.vocab_size)
   calls = -(-FLAGS.steps // workload.steps_per_call)
@@ -236,6 +327,14 @@ def main(argv):
                     'steps_per_call': workload.steps_per_call, 'embedding_dim': FLAGS.embedding_dim})
   if workload.tokens_per_step is not None:
     results['tokens_per_sec'] = workload.tokens_per_step / seconds
+  results.update(extra)
+  if mode == 'cider':
+    results['scores_per_sec'] = results['examples_per_sec']
+    if 'host_scores_per_sec' in extra:
+      results['speedup_over_host'] = results['scores_per_sec'] / extra['host_scores_per_sec']
+  if mode == 'scst':
+    results['captions_per_sec'] = results['examples_per_sec'] * config.scst.num_samples
+    results['reward_share'] = extra['reward_seconds_per_step'] * results['steps_per_sec']
   print(json.dumps(results, indent=1))
   if FLAGS.json:
     pathlib.Path(FLAGS.json).resolve().parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Preemption (SIGTERM), non-finite losses and config changes on resume."""
 
+import json
 import os
 import signal
 import threading
@@ -37,8 +38,8 @@ def test_sigterm_saves_a_checkpoint_and_returns(config, tmp_path):
 def test_nonfinite_loss_stops_without_saving_nan(config, tmp_path, monkeypatch):
   real_step = train_step_lib.train_step
 
-  def poisoned_step(state, batch):  # From the 4th step on, the update turns the weights NaN.
-    new_state, metrics = real_step(state, batch)
+  def poisoned_step(state, batch, dropout_key=None):  # From the 4th step on, the weights turn NaN.
+    new_state, metrics = real_step(state, batch, dropout_key)
     poison = state.step >= 3
     params = jax.tree.map(lambda p: jnp.where(poison, jnp.nan, p), new_state.params)
     metrics = {**metrics, 'finite': metrics['finite'] & ~poison}
@@ -69,3 +70,14 @@ def test_resume_rejects_locked_changes_and_allows_others(config, tmp_path):
   changed.num_train_steps, changed.eval_every_steps = 3, 50
   train.train_and_evaluate(changed, workdir)
   assert checkpoint.create_manager(workdir, 2).latest_step() == 3
+
+
+def test_fields_added_since_a_run_are_compatible_at_their_off_values(config, tmp_path):
+  # A workdir written before model.dropout and config.scst existed.
+  old = json.loads(config.to_json_best_effort())
+  del old['model']['dropout'], old['scst']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  train.check_resume_config(str(tmp_path), config)  # dropout 0, scst off: as it was trained.
+  config.model.dropout = 0.5
+  with pytest.raises(ValueError, match=r'model.dropout \(model.dropout: None -> 0.5\)'):
+    train.check_resume_config(str(tmp_path), config)

@@ -153,3 +153,30 @@ def test_decoder_alone_learns_from_embeddings(config):
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_decoder_dropout_only_in_training_and_replayable(config):
+  batch = {'embedding': np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32),
+           'tokens': _random_batch(config, 8)['tokens']}
+  plain = train_step_lib.create_decoder_state(config, captioner.create_model(config.model, VOCAB),
+                                              jax.random.key(0), embedding_dim=12)
+  config.model.dropout = 0.5
+  dropped = plain.replace(apply_fn=captioner.create_model(config.model, VOCAB).apply)
+  inputs, targets = batch['tokens'][:, :-1], batch['tokens'][:, 1:]
+  weights = (targets != PAD_ID).astype(np.float32)
+  loss = lambda state, **kw: state.apply_fn({'params': state.params}, batch['embedding'], inputs,
+                                            targets, weights, method='caption_loss_sums', **kw)[0]
+  # Evaluation (train=False) ignores the rate; training drops, differently per key.
+  np.testing.assert_allclose(loss(dropped), loss(plain), rtol=1e-6)
+  key = jax.random.key(1)
+  dropped_loss = loss(dropped, train=True, rngs={'dropout': key})
+  assert abs(float(dropped_loss) - float(loss(plain))) > 1e-3
+  assert float(dropped_loss) != float(loss(dropped, train=True, rngs={'dropout': jax.random.key(2)}))
+  # The step's mask is a pure function of (key, step): the same step twice is the same update.
+  step = jax.jit(train_step_lib.decoder_train_step)
+  first, _ = step(dropped, batch, key)
+  again, _ = step(dropped, batch, key)
+  for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(again.params)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(Exception, match='dropout'):  # A model with dropout needs the key.
+    step(dropped, batch)

@@ -112,6 +112,13 @@ def caption_rows(features: SplitFeatures,
   return np.concatenate(tokens), np.concatenate(image_index)
 
 
+def references(features: SplitFeatures, table: input_pipeline.TokenTable) -> tuple[np.ndarray, np.ndarray]:
+  """Each cached image's captions (I, C, L) in `features.embedding`'s order, and their counts."""
+  table_row = {image_id: row for row, image_id in enumerate(table.image_ids.tolist())}
+  rows = np.asarray([table_row[image_id] for image_id in features.image_ids.tolist()], np.int64)
+  return table.tokens[rows], table.counts[rows]
+
+
 def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collections.ConfigDict,
             state: Any, mesh: jax.sharding.Mesh, cache_dir: str) -> SplitFeatures:
   """The split's cached embeddings, computed (or completed, or rebuilt) first if needed.

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxcap.data.tokenizer import BOS_ID, PAD_ID
 from jaxcap.models import decoder as decoder_lib
 from jaxcap.models import encoders
 from jaxcap.models import inception_v3
@@ -37,12 +38,21 @@ class Captioner(nn.Module):
   def loss_sums(self, images: jnp.ndarray, input_tokens: jnp.ndarray, targets: jnp.ndarray,
                 weights: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Teacher-forced sums of weighted cross-entropy and correct argmaxes, no logits tensor."""
-    return self.decoder.loss_sums(self.encode(images, train), input_tokens, targets, weights)
+    return self.decoder.loss_sums(self.encode(images, train), input_tokens, targets, weights, train)
 
   def caption_loss_sums(self, image_embedding: jnp.ndarray, input_tokens: jnp.ndarray,
-                        targets: jnp.ndarray, weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+                        targets: jnp.ndarray, weights: jnp.ndarray,
+                        train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
     """`loss_sums` from precomputed embeddings (cached features, evaluation)."""
-    return self.decoder.loss_sums(image_embedding, input_tokens, targets, weights)
+    return self.decoder.loss_sums(image_embedding, input_tokens, targets, weights, train)
+
+  def sampler_loss_sums(self, image_embedding: jnp.ndarray, input_tokens: jnp.ndarray,
+                        targets: jnp.ndarray, weights: jnp.ndarray,
+                        temperature: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`caption_loss_sums` under the distribution captions are sampled from: PAD and BOS left
+    out (`jaxcap.decode`), logits divided by `temperature` (self-critical training)."""
+    return self.decoder.loss_sums(image_embedding, input_tokens, targets, weights,
+                                  excluded_ids=(PAD_ID, BOS_ID), temperature=temperature)
 
   def initial_state(self, image_embedding: jnp.ndarray) -> decoder_lib.Carry:
     return self.decoder.initial_state(image_embedding)
@@ -61,7 +71,7 @@ def create_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Ca
       image_bottleneck=model_config.image_bottleneck,
       logit_bottleneck=model_config.logit_bottleneck,
       loss_chunk_steps=model_config.loss_chunk_steps, lstm_unroll=model_config.lstm_unroll,
-      dtype=dtype)
+      dropout=model_config.get('dropout', 0.0), dtype=dtype)
   return Captioner(encoder=encoders.create_encoder(model_config, dtype), decoder=decoder,
                    train_encoder=model_config.train_encoder)
 

@@ -35,11 +35,13 @@ class LogitsProjection(nn.Module):
     logits = features.astype(self.dtype) @ self.kernel.astype(self.dtype)
     return logits.astype(jnp.float32) + self.bias
 
-  def loss_sums(self, features: jnp.ndarray, targets: jnp.ndarray,
-                weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  def loss_sums(self, features: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray,
+                excluded_ids: tuple[int, ...] = (),
+                temperature: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Sums of weighted token cross-entropy and of weighted correct argmaxes, over (B, T)."""
     return softmax_loss.projected_cross_entropy(
-        features.astype(self.dtype), self.kernel, self.bias, targets, weights, self.loss_chunk_steps)
+        features.astype(self.dtype), self.kernel, self.bias, targets, weights,
+        self.loss_chunk_steps, tuple(excluded_ids), float(temperature))
 
 
 class Decoder(nn.Module):
@@ -51,6 +53,8 @@ class Decoder(nn.Module):
   loss_chunk_steps: int = 1
   # Time steps per iteration of the LSTM's scan (1: a plain loop).
   lstm_unroll: int = 1
+  # Dropout rate on the word embeddings and on the LSTM's outputs, in training only.
+  dropout: float = 0.0
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -59,6 +63,8 @@ class Decoder(nn.Module):
     self.word_embedding = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
     self.lstm = nn.RNN(nn.OptimizedLSTMCell(self.lstm_size, dtype=self.dtype), return_carry=True,
                        unroll=self.lstm_unroll)
+    self.embedding_dropout = nn.Dropout(self.dropout)
+    self.output_dropout = nn.Dropout(self.dropout)
     self.lstm_to_bottleneck = nn.Dense(self.logit_bottleneck, dtype=self.dtype)
     self.bottleneck_to_logits = LogitsProjection(
         self.vocab_size, features_in=self.logit_bottleneck,
@@ -70,9 +76,12 @@ class Decoder(nn.Module):
     state = nn.elu(self.bottleneck_to_state(bottleneck))
     return state, state
 
-  def _lstm(self, carry: Carry, tokens: jnp.ndarray) -> tuple[Carry, jnp.ndarray]:
-    """(B, T) ids -> final carry and (B, T, logit_bottleneck) features of the next-id logits."""
-    carry, lstm_outputs = self.lstm(self.word_embedding(tokens), initial_carry=carry)
+  def _lstm(self, carry: Carry, tokens: jnp.ndarray, train: bool = False) -> tuple[Carry, jnp.ndarray]:
+    """(B, T) ids -> final carry and (B, T, logit_bottleneck) features of the next-id logits.
+    `train` applies dropout (its rng stream: 'dropout')."""
+    embedded = self.embedding_dropout(self.word_embedding(tokens), deterministic=not train)
+    carry, lstm_outputs = self.lstm(embedded, initial_carry=carry)
+    lstm_outputs = self.output_dropout(lstm_outputs, deterministic=not train)
     return carry, nn.elu(self.lstm_to_bottleneck(lstm_outputs))
 
   def __call__(self, image_embedding: jnp.ndarray, input_tokens: jnp.ndarray) -> jnp.ndarray:
@@ -81,10 +90,13 @@ class Decoder(nn.Module):
     return self.bottleneck_to_logits(features)
 
   def loss_sums(self, image_embedding: jnp.ndarray, input_tokens: jnp.ndarray,
-                targets: jnp.ndarray, weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Teacher forcing, scored: sums of weighted cross-entropy and correct argmaxes."""
-    _, features = self._lstm(self.initial_state(image_embedding), input_tokens)
-    return self.bottleneck_to_logits.loss_sums(features, targets, weights)
+                targets: jnp.ndarray, weights: jnp.ndarray, train: bool = False,
+                excluded_ids: tuple[int, ...] = (),
+                temperature: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Teacher forcing, scored: sums of weighted cross-entropy and correct argmaxes (of the
+    distribution without `excluded_ids`, at `temperature`, when given)."""
+    _, features = self._lstm(self.initial_state(image_embedding), input_tokens, train)
+    return self.bottleneck_to_logits.loss_sums(features, targets, weights, excluded_ids, temperature)
 
   def step(self, carry: Carry, tokens: jnp.ndarray) -> tuple[Carry, jnp.ndarray]:
     """One decoding step: (B,) ids -> new carry and (B, vocab) logits of the next id."""

@@ -1,0 +1,150 @@
+"""Self-critical sequence training (SCST, Rennie et al. 2017) on cached embeddings on the devices.
+
+Each step draws its images on the device, samples `num_samples` captions of each, scores them
+with CIDEr-D against the image's training references (`jaxcap.rewards`, inside the step), and
+follows the policy gradient of `-(reward - baseline) * sum log p(token)` over the sampled tokens
+(EOS included, PAD excluded), averaged over those tokens. The baseline is the mean reward of
+the image's other samples ('mean_of_others', the "new self-critical" variant) or the reward of
+its greedy caption ('greedy', the original). One jitted call runs K steps in a `lax.scan`.
+
+Images and their references are placed once, split along the mesh's 'data' axis in
+contiguous blocks (as `jaxcap.resident` places cached embeddings); each device shard draws its
+share of a step's images from its own block, so drawing needs no communication. Image order is
+a pure function of (seed, step): a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from jaxcap import decode
+from jaxcap import resident
+from jaxcap import rewards
+from jaxcap import train_step as train_step_lib
+from jaxcap.data.tokenizer import BOS_ID, PAD_ID
+
+BASELINES = ('mean_of_others', 'greedy')
+
+
+class ScstData(NamedTuple):
+  """Training images on the devices: leading axes (device shard, image in the shard)."""
+  embedding: jax.Array                  # (shards, images_per_shard, D)
+  references: rewards.ImageReferences   # (shards, images_per_shard, ...)
+
+
+def place(embedding: np.ndarray, references: rewards.ImageReferences, mesh: Mesh,
+          dtype=jnp.float32) -> ScstData:
+  """Whole-split arrays (the same on every process) -> contiguous blocks, one per device (the
+  last few images dropped)."""
+  num_shards = mesh.size
+  images_per_shard = len(embedding) // num_shards
+  if images_per_shard == 0:
+    raise ValueError(f'{len(embedding)} images cannot be split over {num_shards} devices')
+
+  def blocks(array):
+    array = np.asarray(array)[:num_shards * images_per_shard]
+    return resident.put_sharded(array.reshape(num_shards, images_per_shard, *array.shape[1:]), mesh)
+  return ScstData(blocks(np.asarray(embedding).astype(dtype)),
+                  rewards.ImageReferences(*(blocks(x) for x in references)))
+
+
+def images_at(order_key: jax.Array, step: jax.Array, num_shards: int, images_per_shard: int,
+              per_shard_batch: int) -> jax.Array:
+  """(shards, per_shard_batch) image indices of `step`: each epoch a new permutation per shard."""
+  steps_per_epoch = images_per_shard // per_shard_batch
+  epoch, position = jnp.divmod(step, steps_per_epoch)
+  keys = jax.random.split(jax.random.fold_in(order_key, epoch), num_shards)
+  order = jax.vmap(lambda key: jax.random.permutation(key, images_per_shard))(keys)
+  return jax.lax.dynamic_slice_in_dim(order, position * per_shard_batch, per_shard_batch, axis=1)
+
+
+def baseline_rewards(sample_rewards: jax.Array, greedy_rewards: jax.Array, baseline: str) -> jax.Array:
+  """(B, S) baseline of each sample's reward."""
+  if baseline == 'mean_of_others':
+    num_samples = sample_rewards.shape[1]
+    others = jnp.sum(sample_rewards, axis=1, keepdims=True) - sample_rewards
+    return others / (num_samples - 1)
+  if baseline == 'greedy':
+    return jnp.broadcast_to(greedy_rewards[:, None], sample_rewards.shape)
+  raise ValueError(f'config.scst.baseline={baseline!r} is not one of {BASELINES}')
+
+
+def policy_loss(params, apply_fn: Callable, embedding: jax.Array, samples: jax.Array,
+                advantage: jax.Array, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Mean over sampled tokens of -advantage * log p(token), and the number of those tokens.
+
+  `samples` (N, T) are the ids after BOS (PAD after EOS). p is the distribution they were
+  sampled from: the model's softmax at `temperature` without PAD and BOS (with the plain
+  softmax, pushing down a bad sample's tokens moves probability onto the never-sampled PAD,
+  unpenalised, and training collapses). Teacher-forced on the samples through the decoder's
+  chunked vocabulary projection: no (N, T, vocab) array.
+  """
+  inputs = jnp.concatenate([jnp.full((samples.shape[0], 1), BOS_ID, samples.dtype), samples[:, :-1]], 1)
+  mask = (samples != PAD_ID).astype(jnp.float32)
+  num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
+  weighted_nll, _ = apply_fn({'params': params}, embedding, inputs, samples,
+                             advantage[:, None] * mask, temperature, method='sampler_loss_sums')
+  return weighted_nll / num_tokens, num_tokens
+
+
+def make_scst_step(*, per_shard_batch: int, num_samples: int, baseline: str, temperature: float,
+                   max_len: int) -> Callable:
+  """`(state, data, tables, seed_key) -> (state, metrics)`: one self-critical step at state.step."""
+  if baseline not in BASELINES:
+    raise ValueError(f'config.scst.baseline={baseline!r} is not one of {BASELINES}')
+  if num_samples < 2 and baseline == 'mean_of_others':
+    raise ValueError('config.scst.num_samples must be at least 2 for the mean_of_others baseline')
+
+  def step(state: train_step_lib.TrainState, data: ScstData, tables: rewards.NgramTables,
+           seed_key: jax.Array):
+    order_key, sample_key = jax.random.split(seed_key)
+    num_shards, images_per_shard = data.embedding.shape[:2]
+    index = images_at(order_key, state.step, num_shards, images_per_shard, per_shard_batch)
+    take = jax.vmap(lambda array, rows: array[rows])
+    flat = lambda x: x.reshape(-1, *x.shape[2:])
+    embedding = flat(take(data.embedding, index)).astype(jnp.float32)    # (B, D)
+    references = rewards.ImageReferences(*(flat(take(x, index)) for x in data.references))
+    batch_size = embedding.shape[0]
+
+    variables = {'params': state.params}
+    sample_embedding = jnp.repeat(embedding, num_samples, axis=0)        # (B * S, D)
+    samples = decode.sample_from_embedding(
+        state.apply_fn, variables, sample_embedding, max_len,
+        jax.random.fold_in(sample_key, state.step), temperature)
+    greedy = decode.greedy_from_embedding(state.apply_fn, variables, embedding, max_len)
+    sample_references = rewards.gather_references(
+        references, jnp.repeat(jnp.arange(batch_size), num_samples))
+    sample_rewards = rewards.scores(tables, sample_references, samples).reshape(batch_size, num_samples)
+    greedy_rewards = rewards.scores(tables, references, greedy)
+    baselines = baseline_rewards(sample_rewards, greedy_rewards, baseline)
+    advantage = jax.lax.stop_gradient(sample_rewards - baselines).reshape(-1)
+
+    (loss, num_tokens), grads = jax.value_and_grad(policy_loss, has_aux=True)(
+        state.params, state.apply_fn, sample_embedding, samples, advantage, temperature)
+    grad_norm = optax.global_norm(grads)
+    metrics = {'loss': loss, 'num_tokens': num_tokens, 'grad_norm': grad_norm,
+               'sample_reward': jnp.mean(sample_rewards), 'baseline_reward': jnp.mean(baselines),
+               'greedy_reward': jnp.mean(greedy_rewards),
+               'sample_length': num_tokens / samples.shape[0],
+               'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    return state.apply_gradients(grads=grads), metrics
+
+  return step
+
+
+def jit_scst_steps(steps_per_call: int, **step_kwargs):
+  """`steps_per_call` self-critical steps in one `lax.scan`, jitted, the state donated:
+  `(state, data, tables, seed_key) -> (state, metrics stacked along the steps)`."""
+  step = make_scst_step(**step_kwargs)
+
+  def steps(state, data, tables, seed_key):
+    def body(state, _):
+      return step(state, data, tables, seed_key)
+    return jax.lax.scan(body, state, length=steps_per_call)
+  return jax.jit(steps, donate_argnums=0)

@@ -1,0 +1,177 @@
+"""Self-critical training: the policy gradient, K steps per call, resume, and the whole run."""
+
+import functools
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcap import inference
+from jaxcap import parallel
+from jaxcap import rewards
+from jaxcap import scst
+from jaxcap import train
+from jaxcap import train_step as train_step_lib
+from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jaxcap.models import captioner
+
+VOCAB, EMBEDDING_DIM, IMAGES = 24, 12, 32
+
+
+def _decoder_state(config, mesh):
+  model = captioner.create_model(config.model, VOCAB)
+  init = jax.jit(functools.partial(train_step_lib.create_decoder_state, config, model,
+                                   embedding_dim=EMBEDDING_DIM),
+                 out_shardings=parallel.replicated(mesh))
+  return init(jax.random.key(0))
+
+
+def _references(rng):
+  references = []
+  for _ in range(IMAGES):
+    references.append([list(rng.integers(4, 10, rng.integers(2, 8))) + [EOS_ID]
+                       for _ in range(rng.integers(1, 4))])
+  return references
+
+
+@pytest.mark.parametrize('temperature', [1.0, 0.7])
+def test_policy_loss_gradient_is_reinforce(config, temperature):
+  """With fixed advantages, the gradient is that of -mean_tokens(advantage * log p(token)) for
+  the sampler's distribution (softmax of logits / temperature without PAD and BOS), log p from
+  the full teacher-forced logits: an independent path to the chunked loss."""
+  mesh = parallel.make_mesh()
+  state = _decoder_state(config, mesh)
+  rng = np.random.default_rng(0)
+  embedding = jnp.asarray(rng.normal(size=(6, EMBEDDING_DIM)), jnp.float32)
+  samples = rng.integers(4, VOCAB, (6, 9)).astype(np.int32)
+  for row, length in zip(samples, [1, 3, 9, 5, 2, 7]):
+    row[length - 1], row[length:] = EOS_ID, PAD_ID
+  samples = jnp.asarray(samples)
+  advantage = jnp.asarray([1.5, -0.5, 0.25, -2.0, 0.0, 3.0])
+
+  def explicit(params):
+    inputs = jnp.concatenate([jnp.full((6, 1), BOS_ID), samples[:, :-1]], 1)
+    logits = state.apply_fn({'params': params}, embedding, inputs, method='caption_logits')
+    logits = (logits / temperature).at[..., [PAD_ID, BOS_ID]].set(-jnp.inf)
+    log_p = jnp.take_along_axis(jax.nn.log_softmax(logits), samples[..., None], -1)[..., 0]
+    mask = samples != PAD_ID
+    return -jnp.sum(jnp.where(mask, advantage[:, None] * log_p, 0.0)) / jnp.sum(mask)
+
+  (loss, num_tokens), grads = jax.value_and_grad(scst.policy_loss, has_aux=True)(
+      state.params, state.apply_fn, embedding, samples, advantage, temperature)
+  want_loss, want_grads = jax.value_and_grad(explicit)(state.params)
+  assert int(num_tokens) == 1 + 3 + 9 + 5 + 2 + 7
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_baselines():
+  rewards_ = jnp.asarray([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
+  np.testing.assert_allclose(scst.baseline_rewards(rewards_, jnp.asarray([5.0, 7.0]), 'mean_of_others'),
+                             [[4.0, 3.5, 1.5], [1.5, 1.5, 0.0]])
+  np.testing.assert_allclose(scst.baseline_rewards(rewards_, jnp.asarray([5.0, 7.0]), 'greedy'),
+                             [[5.0] * 3, [7.0] * 3])
+  with pytest.raises(ValueError, match='config.scst.baseline'):
+    scst.make_scst_step(per_shard_batch=1, num_samples=2, baseline='mean', temperature=1.0, max_len=8)
+
+
+@pytest.mark.parametrize('baseline', ['mean_of_others', 'greedy'])
+def test_k_steps_per_call_equal_single_steps(config, baseline):
+  config.optimizer.learning_rate = 1e-2
+  mesh = parallel.make_mesh()  # 8 forced CPU devices: 4 images each.
+  rng = np.random.default_rng(1)
+  scorer = rewards.CiderD(_references(rng), VOCAB)
+  data = scst.place(rng.normal(size=(IMAGES, EMBEDDING_DIM)).astype(np.float32),
+                    scorer.references, mesh)
+  tables = jax.device_put(scorer.tables, parallel.replicated(mesh))
+  seed_key = jax.device_put(jax.random.key(3), parallel.replicated(mesh))
+  # Global batch 16 images of 3 samples; 2 steps an epoch, so the calls cross epochs.
+  kwargs = dict(per_shard_batch=2, num_samples=3, baseline=baseline, temperature=1.0, max_len=10)
+  four = scst.jit_scst_steps(4, **kwargs)
+  state, metrics = four(_decoder_state(config, mesh), data, tables, seed_key)
+  with jax.transfer_guard('disallow'):  # Nothing moves from the host between calls.
+    state, more = four(state, data, tables, seed_key)
+  one = scst.jit_scst_steps(1, **kwargs)
+  reference = _decoder_state(config, mesh)
+  single = []
+  for _ in range(8):
+    reference, step_metrics = one(reference, data, tables, seed_key)
+    single.append(jax.device_get(step_metrics))
+  for key in ('loss', 'sample_reward', 'baseline_reward', 'greedy_reward'):
+    got = np.concatenate([metrics[key], more[key]])
+    np.testing.assert_allclose(got, [m[key][0] for m in single], rtol=1e-5, atol=1e-6)
+  assert np.asarray(metrics['sample_reward']).max() > 0  # Rewards are not all zero.
+  assert int(state.step) == 8
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_images_of_an_epoch_are_each_drawn_once():
+  key = jax.random.key(5)
+  picks = np.stack([np.asarray(scst.images_at(key, jnp.int32(step), 2, 12, 4)) for step in range(3)], 1)
+  for shard in picks:  # (steps, batch): the 3 steps of epoch 0 cover the 12 images once.
+    assert sorted(shard.ravel().tolist()) == list(range(12))
+  np.testing.assert_array_equal(scst.images_at(key, jnp.int32(1), 2, 12, 4), picks[:, 1])
+  assert not np.array_equal(scst.images_at(key, jnp.int32(3), 2, 12, 4), picks[:, 0])
+
+
+def _train_records(workdir):
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [r for r in records if r['split'] == 'train']
+
+
+@pytest.mark.slow
+def test_self_critical_run_starts_from_init_from_resumes_exactly_and_restores(config, tmp_path):
+  config.data.eval_splits, config.num_train_steps = (), 2  # A short cross-entropy start.
+  xe_workdir = tmp_path / 'xe'
+  train.train_and_evaluate(config, str(xe_workdir))
+  config.data.eval_splits = ('val',)
+
+  config.model.train_encoder = False
+  config.features.enabled = True
+  config.features.batch_size, config.features.batches_per_part = 8, 1
+  config.features.storage_dtype = 'float32'
+  config.scst.enabled, config.scst.init_from = True, str(xe_workdir)
+  config.scst.num_samples = 3
+  config.resident.steps_per_call = 2
+  config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 4, 2, 2
+  config.eval_every_steps = 4
+  config.optimizer.end_learning_rate_factor = 1.0  # A schedule that does not depend on the run's length.
+
+  config.scst.max_len = 12
+  workdir = tmp_path / 'scst'
+  results = train.train_and_evaluate(config, str(workdir))
+  assert results['val']['num_images'] == 12
+  records = _train_records(workdir)
+  assert [r['step'] for r in records] == [2, 4]
+  assert {'train_sample_reward', 'train_baseline_reward', 'train_greedy_reward',
+          'captions_per_sec'} <= set(records[-1])
+  assert (workdir / 'tokenizer.model').read_bytes() == (xe_workdir / 'tokenizer.model').read_bytes()
+
+  # Interrupted after step 2 (its checkpoint is the latest): the rerun replays steps 3 and 4.
+  shutil.rmtree(workdir / 'checkpoints' / '4')
+  train.train_and_evaluate(config, str(workdir))
+  replayed = _train_records(workdir)[-1]
+  assert replayed['step'] == 4
+  for key in ('train_loss', 'train_sample_reward', 'train_greedy_reward', 'grad_norm'):
+    assert replayed[key] == pytest.approx(records[-1][key], rel=1e-6), key
+
+  # The workdir restores to a full captioner: init_from's encoder, the trained decoder.
+  trained, start = inference.restore(str(workdir)), inference.restore(str(xe_workdir))
+  assert int(trained.state.step) == 4
+  for got, want in zip(jax.tree.leaves(trained.state.params['encoder']),
+                       jax.tree.leaves(start.state.params['encoder'])):
+    np.testing.assert_array_equal(got, want)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained.state.params['decoder']),
+                                                     jax.tree.leaves(start.state.params['decoder'])))
+
+
+def test_self_critical_needs_its_start_and_cached_features(config, tmp_path):
+  config.scst.enabled = True
+  config.scst.init_from = str(tmp_path / 'missing')
+  with pytest.raises(FileNotFoundError, match='init_from=.*missing: not a jaxcap workdir'):
+    inference.init_from_state(config, None)
