@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import time
 
@@ -40,12 +41,22 @@ def save(manager: ocp.CheckpointManager, state: TrainState, *, force: bool = Fal
     manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
                  force=force)
     manager.wait_until_finished()
-  except OSError as error:
-    reason = 'the disk is full' if error.errno == errno.ENOSPC else str(error)
+  except (OSError, ValueError) as error:
+    # TensorStore reports a failed write as ValueError, the OS error code in its message.
+    code = error.errno if isinstance(error, OSError) else _os_error_code(str(error))
+    if code is None and not isinstance(error, OSError):
+      raise
+    reason = 'the disk is full' if code == errno.ENOSPC else (
+        f'{os.strerror(code)} (errno {code})' if code else str(error))
     raise CheckpointWriteError(
-        error.errno, f'could not write the checkpoint of step {step} to {manager.directory}: '
+        code, f'could not write the checkpoint of step {step} to {manager.directory}: '
         f'{reason}. The earlier checkpoints are intact (steps {manager.all_steps()}); free some '
         'space and run the same command again to resume from the latest of them') from error
+
+
+def _os_error_code(message: str) -> int | None:
+  match = re.search(r"os_error_code='(\d+)'", message)
+  return int(match.group(1)) if match else None
 
 
 def restore(manager: ocp.CheckpointManager, state: TrainState, step: int) -> TrainState:

@@ -61,9 +61,10 @@ def greedy_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Arra
   return greedy_from_embedding(apply_fn, variables, embedding, max_len)
 
 
-def beam_search(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
-                beam_size: int, length_penalty: float = 0.0) -> tuple[jax.Array, jax.Array]:
-  """Batched beam search with fixed shapes: (B, max_len - 1) ids and (B,) their log-probabilities.
+def beam_hypotheses(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
+                    beam_size: int, length_penalty: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Batched beam search with fixed shapes: every final hypothesis, best first: (B, K,
+  max_len - 1) ids and (B, K) their log-probabilities.
 
   Each step extends every live beam by every token and keeps the best `beam_size` of the
   candidates; a finished beam (EOS emitted) continues only with PAD at no cost, so it keeps its
@@ -99,10 +100,16 @@ def beam_search(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
 
   (_, _, log_probs, _, tokens), _ = jax.lax.scan(step, state, jnp.arange(steps))
   lengths = jnp.maximum(jnp.sum(tokens != PAD_ID, axis=-1), 1).astype(jnp.float32)
-  ranking = log_probs / lengths ** length_penalty
-  best = jnp.argmax(ranking, axis=-1)
-  return (jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0],
-          jnp.take_along_axis(log_probs, best[:, None], axis=1)[:, 0])
+  order = jnp.argsort(-(log_probs / lengths ** length_penalty), axis=-1)
+  return (jnp.take_along_axis(tokens, order[..., None], axis=1),
+          jnp.take_along_axis(log_probs, order, axis=1))
+
+
+def beam_search(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
+                beam_size: int, length_penalty: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """The best hypothesis of `beam_hypotheses`: (B, max_len - 1) ids, (B,) log-probabilities."""
+  tokens, log_probs = beam_hypotheses(apply_fn, variables, images, max_len, beam_size, length_penalty)
+  return tokens[:, 0], log_probs[:, 0]
 
 
 def sample_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers
+from flax import traverse_util
 
 from jaxcap import checkpoint
 from jaxcap import evaluate
@@ -40,17 +41,19 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a non-finite loss or gradient; nothing after it was checkpointed."""
 
 
-# Fields that a resumed run may not change: they change the parameters, the optimizer state or
-# what the tokens mean. Other fields (steps, intervals, learning rate, ...) may change.
-_RESUME_LOCKED_PREFIXES = ('model.', 'data.name', 'data.vocab_size', 'data.tokenizer_type',
-                           'data.shapes.', 'data.coco_dir', 'optimizer.name', 'features.enabled',
-                           'scst.enabled', 'scst.init_from')
+# Fields that a resumed run may not change: they change the parameters (their shapes or how
+# they were made), the optimizer state's structure or what the tokens mean. Others (steps,
+# intervals, learning rate, compute dtype, unrolling, dropout, ...) may change.
+_RESUME_LOCKED_FIELDS = frozenset({
+    'model.encoder', 'model.encoder_weights', 'model.train_encoder', 'model.small_cnn.features',
+    'model.image_bottleneck', 'model.embed_dim', 'model.lstm_size', 'model.logit_bottleneck',
+    'data.name', 'data.vocab_size', 'data.tokenizer_type', 'data.coco_dir', 'optimizer.name',
+    'features.enabled', 'scst.enabled', 'scst.init_from'})
+_RESUME_LOCKED_PREFIXES = ('data.shapes.',)  # The built-in dataset's generation.
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(tree, dict):
-    return {k: v for key, value in tree.items() for k, v in _flatten(value, f'{prefix}{key}.').items()}
-  return {prefix[:-1]: tree}
+def _is_locked(field: str) -> bool:
+  return field in _RESUME_LOCKED_FIELDS or field.startswith(_RESUME_LOCKED_PREFIXES)
 
 
 def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -59,13 +62,12 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
   if not os.path.exists(path):
     return
   with open(path) as f:
-    old = _flatten(json.load(f))
-  new = _flatten(json.loads(config.to_json_best_effort()))
+    old = traverse_util.flatten_dict(json.load(f), sep='.')
+  new = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
   changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
   # A field added since the run was written (model.dropout, scst.*) is compatible at its off
   # value (False, 0, None): that is how the run was trained.
-  locked = [k for k in changed if k.startswith(_RESUME_LOCKED_PREFIXES)
-            and (k in old or new.get(k))]
+  locked = [k for k in changed if _is_locked(k) and (k in old or new.get(k))]
   if locked:
     raise ValueError(f'{workdir} holds a run with a different {", ".join(locked)} '
                      f'({", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in locked)}); '

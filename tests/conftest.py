@@ -6,6 +6,14 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+# Offline, for this process and every process a test starts: IP connections only to this
+# machine (tests/offline/sitecustomize.py, found on PYTHONPATH by each new interpreter).
+_OFFLINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'offline')
+os.environ['PYTHONPATH'] = os.pathsep.join(p for p in (_OFFLINE, os.environ.get('PYTHONPATH')) if p)
+import sys  # noqa: E402
+sys.path.insert(0, _OFFLINE)
+import sitecustomize  # noqa: E402,F401  pylint: disable=unused-import
+
 import pytest  # noqa: E402
 
 from configs import default  # noqa: E402
@@ -54,12 +62,3 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def config(data_dir):
   return tiny_config(data_dir)
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-  """Tests never reach outside this machine: the COCO download check always says offline."""
-  import sys
-  module = sys.modules.get('jaxcap.data.input_pipeline')  # Not imported on hosts without TF.
-  if module is not None:
-    monkeypatch.setattr(module, 'network_reachable', lambda *args: False)

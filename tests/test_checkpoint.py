@@ -1,6 +1,10 @@
 """Orbax checkpoints of the train state: round trip, retention, sharded restore (no TF)."""
 
-import errno
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +14,8 @@ import pytest
 from jaxcap import checkpoint
 from jaxcap import parallel
 from tests.test_train_step import _jit_step, _random_batch, _state
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_save_and_restore_round_trip(config, tmp_path):
@@ -65,15 +71,43 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(config, tmp_path, 
   assert [p.name.split('_')[0] for p in (tmp_path / 'damaged_checkpoints').iterdir()] == ['3']
 
 
-def test_a_failed_write_names_the_step_and_keeps_earlier_checkpoints(config, tmp_path, monkeypatch):
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  manager = _saved_steps(config, mesh, str(tmp_path), 2)
-  state, _ = _jit_step(mesh)(_state(config, mesh), parallel.shard_batch(_random_batch(config, 16), mesh))
-  state = state.replace(step=state.step + 5)
+_FAILED_WRITE = """
+import resource, signal, sys
+import jax, numpy as np
+from jaxcap import checkpoint, parallel
+from tests.conftest import tiny_config
+from tests.test_train_step import _jit_step, _random_batch, _state
+config, mesh = tiny_config(sys.argv[2]), parallel.make_mesh(jax.devices()[:1])
+state, step = _state(config, mesh), _jit_step(mesh)
+manager = checkpoint.create_manager(sys.argv[1], keep=3)
+for seed in range(2):
+  state, _ = step(state, parallel.shard_batch(_random_batch(config, 16, seed), mesh))
+  checkpoint.save(manager, state)
+np.save(sys.argv[1] + '/kernel2.npy', jax.device_get(state.params['decoder']['bottleneck_to_logits']['kernel']))
+state, _ = step(state, parallel.shard_batch(_random_batch(config, 16, 5), mesh))
+# Files of this process may not grow past 20 kB from here on: the write fails part-way.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+try:
+  checkpoint.save(manager, state)
+except checkpoint.CheckpointWriteError as error:
+  print('ERROR:', error)
+"""
 
-  def full_disk(*args, **kwargs):
-    raise OSError(errno.ENOSPC, 'No space left on device')
-  monkeypatch.setattr(manager, 'save', full_disk)
-  with pytest.raises(checkpoint.CheckpointWriteError, match=r'step 6 .*disk is full.*steps \[1, 2\]'):
-    checkpoint.save(manager, state)
-  assert checkpoint.create_manager(str(tmp_path), keep=3).all_steps() == [1, 2]
+
+def test_a_failed_write_names_the_step_and_keeps_earlier_checkpoints(config, tmp_path):
+  # A real write failing part-way (a file size limit, as a full disk would), in a process of
+  # its own: the limit would hit every file this process writes.
+  result = subprocess.run([sys.executable, '-c', _FAILED_WRITE, str(tmp_path), config.data.data_dir],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, 'XLA_FLAGS': ''})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r'ERROR: .*could not write the checkpoint of step 3 .*File too large.*'
+                   r'intact \(steps \[1, 2\]\)', result.stdout), result.stdout + result.stderr[-3000:]
+  manager = checkpoint.create_manager(str(tmp_path), keep=3)
+  assert manager.all_steps() == [1, 2]
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  restored = checkpoint.restore_latest(manager, _state(config, mesh))
+  assert int(restored.step) == 2
+  np.testing.assert_array_equal(restored.params['decoder']['bottleneck_to_logits']['kernel'],
+                                np.load(tmp_path / 'kernel2.npy'))

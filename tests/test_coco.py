@@ -108,7 +108,7 @@ def test_one_training_step_on_coco_format_data(coco_builder, tmp_path):
 
 
 def test_missing_coco_stops_with_both_ways(tmp_path):
-  # conftest.no_network makes the download host unreachable.
+  # The tests run offline (tests/offline): the download host is unreachable.
   config = coco_config.get_config()
   config.data.data_dir = str(tmp_path / 'tfds')
   with pytest.raises(input_pipeline.DataNotFoundError) as error:

@@ -16,17 +16,7 @@ VOCAB = 6  # PAD, UNK, BOS, EOS and two words.
 def _table_model(seed):
   """A decoder whose next-token logits depend on the image, the step and the previous token."""
   table = jax.random.normal(jax.random.key(seed), (2, 8, VOCAB, VOCAB)) * 2.0
-
-  def apply(variables, *args, method):
-    del variables
-    if method == 'encode':
-      return args[0][:, 0, 0, :1]  # Image "embedding": 0 or 1, picks the table.
-    if method == 'initial_state':
-      return (args[0][:, 0].astype(jnp.int32), jnp.zeros(args[0].shape[0], jnp.int32))
-    (image, position), tokens = args
-    return (image, position + 1), table[image, position, tokens]
-
-  return apply, table
+  return apply_with(table), table
 
 
 def _sequence_log_prob(table, image, sequence):
@@ -41,21 +31,21 @@ def _sequence_log_prob(table, image, sequence):
   return total
 
 
-def _exhaustive(table, image, steps):
-  """The most probable sequence over all sequences of `steps` ids (PAD after EOS)."""
-  best, best_score = None, -np.inf
+def _all_sequences(table, image, steps):
+  """Every valid sequence of `steps` ids (PAD only after EOS) with its log-probability."""
+  result = []
   for sequence in itertools.product(range(VOCAB), repeat=steps):
     end = sequence.index(EOS_ID) if EOS_ID in sequence else steps
-    if PAD_ID in sequence[:end] or BOS_ID in sequence[:end]:
-      continue  # Captions never contain PAD or BOS; only PAD follows EOS.
-    if EOS_ID in sequence:
-      end = sequence.index(EOS_ID)
-      if any(t != PAD_ID for t in sequence[end + 1:]):
-        continue
-    score = _sequence_log_prob(table, image, sequence)
-    if score > best_score:
-      best, best_score = list(sequence), score
-  return best, best_score
+    if PAD_ID in sequence[:end] or BOS_ID in sequence[:end] or any(t != PAD_ID for t in sequence[end + 1:]):
+      continue
+    result.append((_sequence_log_prob(table, image, sequence), list(sequence)))
+  return sorted(result, reverse=True)
+
+
+def _exhaustive(table, image, steps):
+  """The most probable sequence over all sequences of `steps` ids (PAD after EOS)."""
+  score, sequence = _all_sequences(table, image, steps)[0]
+  return sequence, score
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -82,12 +72,35 @@ def test_beam_one_is_greedy(seed):
 
 def test_beam_keeps_finished_hypotheses_and_distinct_beams():
   apply, table = _table_model(4)
+  # Step 0: EOS is the likeliest first id, so the one-id caption [EOS] is finished at once and
+  # must survive four more steps beside the live beams.
+  table = table.at[:, 0, BOS_ID, EOS_ID].set(6.0)
   images = jnp.zeros((1, 2, 2, 1))
-  tokens, score = decode.beam_search(apply, None, images, 6, beam_size=3)
-  row = tokens[0].tolist()
-  if EOS_ID in row:
-    assert all(t == PAD_ID for t in row[row.index(EOS_ID) + 1:])
-  assert float(score[0]) == pytest.approx(_sequence_log_prob(table, 0, row), abs=1e-4)
+  tokens, scores = decode.beam_hypotheses(apply_with(table), None, images, 6, beam_size=3)
+  rows = [row for row in tokens[0].tolist()]
+  assert len({tuple(row) for row in rows}) == 3  # Distinct hypotheses.
+  assert [EOS_ID] + [PAD_ID] * 4 in rows  # The finished one is kept, PAD after its EOS.
+  for row, score in zip(rows, scores[0].tolist()):
+    assert score == pytest.approx(_sequence_log_prob(table, 0, row), abs=1e-4)
+  assert scores[0].tolist() == sorted(scores[0].tolist(), reverse=True)
+  # A beam as wide as the search space keeps exactly the best sequences, in order.
+  wide_tokens, wide_scores = decode.beam_hypotheses(apply_with(table), None, images, 4, VOCAB ** 2)
+  exhaustive = _all_sequences(table, 0, 3)
+  assert wide_tokens[0, :5].tolist() == [seq for _, seq in exhaustive[:5]]
+  np.testing.assert_allclose(wide_scores[0, :5], [s for s, _ in exhaustive[:5]], atol=1e-4)
+
+
+def apply_with(table):
+  """A decoder reading its logits from `table[image, step, previous id]`."""
+  def apply(variables, *args, method):
+    del variables
+    if method == 'encode':
+      return args[0][:, 0, 0, :1]  # Image "embedding": 0 or 1, picks the table.
+    if method == 'initial_state':
+      return (args[0][:, 0].astype(jnp.int32), jnp.zeros(args[0].shape[0], jnp.int32))
+    (image, position), tokens = args
+    return (image, position + 1), table[image, position, tokens]
+  return apply
 
 
 def test_sampling_at_low_temperature_is_greedy_and_pads_after_eos():
@@ -95,7 +108,11 @@ def test_sampling_at_low_temperature_is_greedy_and_pads_after_eos():
   images = jnp.array([0.0, 1.0]).reshape(2, 1, 1, 1) * jnp.ones((2, 2, 2, 1))
   cold = decode.sample_decode(apply, None, images, 8, jax.random.key(0), temperature=1e-4)
   np.testing.assert_array_equal(cold, decode.greedy_decode(apply, None, images, 8))
-  hot = decode.sample_decode(apply, None, images, 8, jax.random.key(1), temperature=1.0)
-  for row in hot.tolist():
-    if EOS_ID in row:
-      assert all(t == PAD_ID for t in row[row.index(EOS_ID) + 1:])
+  # EOS made likely at every step: every sampled row ends early, and only PAD follows.
+  _, table = _table_model(5)
+  hot = decode.sample_decode(apply_with(table.at[..., EOS_ID].add(3.0)), None, jnp.zeros((64, 2, 2, 1)),
+                             8, jax.random.key(1), temperature=1.0)
+  ends = [row.index(EOS_ID) if EOS_ID in row else None for row in hot.tolist()]
+  assert all(end is not None and end < 6 for end in ends)
+  for row, end in zip(hot.tolist(), ends):
+    assert row[end + 1:] == [PAD_ID] * (len(row) - end - 1)

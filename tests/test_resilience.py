@@ -1,51 +1,59 @@
 """Preemption (SIGTERM), non-finite losses and config changes on resume."""
 
 import json
+import logging
 import os
+import re
 import signal
 import threading
 import time
 
-import jax
-import jax.numpy as jnp
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from jaxcap import checkpoint
 from jaxcap import train
-from jaxcap import train_step as train_step_lib
+from jaxcap.data import input_pipeline
 
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_saves_a_checkpoint_and_returns(config, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_returns(config, tmp_path, caplog):
   workdir = tmp_path / 'workdir'
-  config.num_train_steps, config.checkpoint_every_steps = 100_000, 3
-  config.log_every_steps = config.eval_every_steps = 100_000
+  # No regular checkpoint can happen: the only one is SIGTERM's.
+  config.num_train_steps = config.checkpoint_every_steps = config.eval_every_steps = 100_000
+  config.log_every_steps = 2
 
-  def preempt_after_first_checkpoint():
-    while not (workdir / 'checkpoints' / '3').exists():
+  def preempt_once_training_runs():
+    while not (workdir / 'metrics.jsonl').exists():
       time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGTERM)
 
-  threading.Thread(target=preempt_after_first_checkpoint, daemon=True).start()
+  threading.Thread(target=preempt_once_training_runs, daemon=True).start()
   previous = signal.getsignal(signal.SIGTERM)
-  assert train.train_and_evaluate(config, str(workdir)) == {}
+  with caplog.at_level(logging.WARNING):
+    assert train.train_and_evaluate(config, str(workdir)) == {}
   assert signal.getsignal(signal.SIGTERM) == previous  # The handler is restored.
-  steps = checkpoint.create_manager(str(workdir), 2).all_steps()
-  assert steps[-1] > 3 and steps[-1] < 100_000  # Saved at the step it stopped at.
+  stopped = int(re.search(r'SIGTERM: saved the checkpoint of step (\d+)', caplog.text).group(1))
+  assert checkpoint.create_manager(str(workdir), 2).all_steps() == [stopped]
+  logged = [json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert 2 <= max(logged) <= stopped < 100_000  # Saved at the step it stopped at, then stopped.
 
 
 def test_nonfinite_loss_stops_without_saving_nan(config, tmp_path, monkeypatch):
-  real_step = train_step_lib.train_step
+  # From the 4th step on the images hold an infinite pixel: the loss and gradients become truly
+  # non-finite, and the train step's own check is what stops training.
+  real_dataset = input_pipeline.train_dataset
 
-  def poisoned_step(state, batch, dropout_key=None):  # From the 4th step on, the weights turn NaN.
-    new_state, metrics = real_step(state, batch, dropout_key)
-    poison = state.step >= 3
-    params = jax.tree.map(lambda p: jnp.where(poison, jnp.nan, p), new_state.params)
-    metrics = {**metrics, 'finite': metrics['finite'] & ~poison}
-    return new_state.replace(params=params), metrics
+  def poisoned_dataset(*args, start_step=0, **kwargs):
+    def poison(index, batch):
+      step = index + start_step + 1
+      image = tf.where(step >= 4, tf.fill(tf.shape(batch['image']), np.inf), batch['image'])
+      return {**batch, 'image': image}
+    return real_dataset(*args, start_step=start_step, **kwargs).enumerate().map(poison)
 
-  monkeypatch.setattr(train_step_lib, 'train_step', poisoned_step)
+  monkeypatch.setattr(input_pipeline, 'train_dataset', poisoned_dataset)
   config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 8, 2, 100
   workdir = str(tmp_path / 'workdir')
   with pytest.raises(train.NonFiniteLossError, match='at step 4.*Last good checkpoint: step 2'):
@@ -78,6 +86,20 @@ def test_fields_added_since_a_run_are_compatible_at_their_off_values(config, tmp
   del old['model']['dropout'], old['scst']
   (tmp_path / 'config.json').write_text(json.dumps(old))
   train.check_resume_config(str(tmp_path), config)  # dropout 0, scst off: as it was trained.
-  config.model.dropout = 0.5
-  with pytest.raises(ValueError, match=r'model.dropout \(model.dropout: None -> 0.5\)'):
+  config.scst.enabled = True
+  with pytest.raises(ValueError, match=r'scst.enabled \(scst.enabled: None -> True\)'):
     train.check_resume_config(str(tmp_path), config)
+
+
+def test_compute_only_fields_may_change_on_resume(config, tmp_path):
+  (tmp_path / 'config.json').write_text(config.to_json_best_effort())
+  for field, value in (('dtype', 'bfloat16'), ('lstm_unroll', 4), ('loss_chunk_steps', 3),
+                       ('dropout', 0.3), ('bn_momentum', 0.5)):
+    changed = config.copy_and_resolve_references()
+    changed.model[field] = value
+    train.check_resume_config(str(tmp_path), changed)  # Parameters and tokens unchanged: allowed.
+  for field, value in (('lstm_size', 48), ('encoder', 'zeros'), ('train_encoder', False)):
+    changed = config.copy_and_resolve_references()
+    changed.model[field] = value
+    with pytest.raises(ValueError, match=f'model.{field}'):
+      train.check_resume_config(str(tmp_path), changed)
