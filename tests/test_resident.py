@@ -25,8 +25,8 @@ def _rows(max_len=12, seed=0):
   return rng.normal(size=(ROWS, EMBEDDING_DIM)).astype(np.float32), tokens
 
 
-def _decoder_state(config, mesh):
-  model = captioner.create_model(config.model, VOCAB)
+def _decoder_state(config, mesh, vocab_size=VOCAB):
+  model = captioner.create_model(config.model, vocab_size)
   init = jax.jit(functools.partial(train_step_lib.create_decoder_state, config, model,
                                    embedding_dim=EMBEDDING_DIM),
                  out_shardings=parallel.replicated(mesh))

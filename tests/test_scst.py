@@ -1,6 +1,5 @@
 """Self-critical training: the policy gradient, K steps per call, resume, and the whole run."""
 
-import functools
 import json
 import shutil
 
@@ -14,19 +13,14 @@ from jaxcap import parallel
 from jaxcap import rewards
 from jaxcap import scst
 from jaxcap import train
-from jaxcap import train_step as train_step_lib
 from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from jaxcap.models import captioner
+from tests import test_resident
 
-VOCAB, EMBEDDING_DIM, IMAGES = 24, 12, 32
+VOCAB, EMBEDDING_DIM, IMAGES = 24, test_resident.EMBEDDING_DIM, 32
 
 
 def _decoder_state(config, mesh):
-  model = captioner.create_model(config.model, VOCAB)
-  init = jax.jit(functools.partial(train_step_lib.create_decoder_state, config, model,
-                                   embedding_dim=EMBEDDING_DIM),
-                 out_shardings=parallel.replicated(mesh))
-  return init(jax.random.key(0))
+  return test_resident._decoder_state(config, mesh, VOCAB)  # Embeddings of EMBEDDING_DIM.
 
 
 def _references(rng):
