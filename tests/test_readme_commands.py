@@ -204,6 +204,8 @@ def _config_overrides(argv: list[str], checkout: Checkout) -> tuple[list[str], s
   image_size = _IMAGE_SIZE.get(config.model.encoder, 32)
   extra = [*_TINY_CONFIG, f'--config.data.image_size={image_size}',
            f'--config.data.data_dir={checkout.tfds_dir}']
+  if config.scst.enabled:  # Images per step: the COCO stand-in has 6 training images.
+    extra.append('--config.batch_size=2')
   stand_in = ''
   if config.data.name == 'coco_captions' and not any(a.startswith('--config.data.coco_dir') for a in argv):
     extra.append(f'--config.data.coco_dir={checkout.coco_dir}')
