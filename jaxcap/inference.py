@@ -103,6 +103,12 @@ def init_from_state(config: ml_collections.ConfigDict,
   return template.replace(params=start.params, batch_stats=start.batch_stats)
 
 
+def with_trained_decoder(full_state: train_step_lib.TrainState,
+                         decoder_state: train_step_lib.TrainState) -> train_step_lib.TrainState:
+  """`full_state` with the decoder of a state trained on cached embeddings: the full model."""
+  return full_state.replace(params={**full_state.params, 'decoder': decoder_state.params['decoder']})
+
+
 def restore(workdir: str, step: int | None = None) -> Trained:
   """The latest checkpoint (or `step`) of a workdir, replicated over all devices.
 
@@ -134,6 +140,5 @@ def restore(workdir: str, step: int | None = None) -> Trained:
   state = checkpoint.restore(manager, template, steps[-1] if step is None else step)
   manager.close()
   if on_features:
-    state = full_state.replace(step=state.step,
-                               params={**full_state.params, 'decoder': state.params['decoder']})
+    state = with_trained_decoder(full_state, state).replace(step=state.step)
   return Trained(config, tokenizer, state, mesh)

@@ -7,6 +7,7 @@ again on the same workdir resumes from the latest checkpoint with the saved toke
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -188,14 +189,8 @@ def _resident_trainer(config, workdir, prepared, train_table, full_state, model,
     state, holder['order'], metrics = compiled[num_steps](state, holder['order'], data, seed_key)
     return state, metrics
 
-  return _Trainer(state, run, config.resident.steps_per_call, _with_trained_decoder(full_state))
-
-
-def _with_trained_decoder(full_state: train_step_lib.TrainState) -> Callable:
-  """decoder state -> `full_state` with that decoder: the full model, for evaluation."""
-  def full(decoder_state):
-    return full_state.replace(params={**full_state.params, 'decoder': decoder_state.params['decoder']})
-  return full
+  return _Trainer(state, run, config.resident.steps_per_call,
+                  functools.partial(inference.with_trained_decoder, full_state))
 
 
 def _check_frozen_encoder(config: ml_collections.ConfigDict) -> None:
@@ -243,7 +238,8 @@ def _scst_trainer(config, workdir, prepared, train_table, full_state, model, mes
           baseline=config.scst.baseline, temperature=config.scst.temperature,
           max_len=config.scst.max_len)
     return compiled[num_steps](state, data, tables, seed_key)
-  return _Trainer(state, run, config.resident.steps_per_call, _with_trained_decoder(full_state))
+  return _Trainer(state, run, config.resident.steps_per_call,
+                  functools.partial(inference.with_trained_decoder, full_state))
 
 
 def feature_cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
