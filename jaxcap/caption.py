@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -14,6 +13,7 @@ from PIL import ImageOps
 from jaxcap import decode
 from jaxcap import inference
 from jaxcap import parallel
+from jaxcap import train_step as train_step_lib
 from jaxcap.data import input_pipeline
 
 
@@ -50,12 +50,10 @@ def load_image(path: str, image_size: int) -> np.ndarray:
 def caption_paths(trained: inference.Trained, paths: Iterable[str]) -> list[tuple[str, dict]]:
   """(path, {'caption': text} or {'error': message}) for each path, in order."""
   config, mesh = trained.config, trained.mesh
-  decode_fn = jax.jit(
-      lambda state, images: decode.decode(
-          state.apply_fn, state.variables, images,
-          config.data.max_len, config.decode, jax.random.key(config.seed)),
-      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
-      out_shardings=parallel.replicated(mesh))
+  decode_key = train_step_lib.named_key(config.seed, 'decode')
+  decode_fn = parallel.jit_data_parallel(
+      lambda state, images: decode.decode(state.apply_fn, state.variables, images,
+                                          config.data.max_len, config.decode, decode_key), mesh)
   results: dict[str, dict] = {}
   loaded: list[tuple[str, np.ndarray]] = []
   paths = list(paths)

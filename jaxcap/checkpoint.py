@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -32,15 +33,53 @@ def create_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
                                options=options)
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, *, force: bool = False) -> None:
-  """Saves `state` at its step and waits for the write, so a failure is reported at its step.
-  Orbax writes to a temporary folder and renames it when complete, so a crash or a full disk
-  never leaves a half-written checkpoint under a step's name."""
-  step = int(state.step)
+class Checkpoints:
+  """Saves the train state asynchronously: the steps go on while Orbax writes.
+
+  `save` returns once the state is copied off the devices. A failed write is reported at the next
+  `save` or at `wait` (the end of training, a preemption), whichever comes first, as a
+  CheckpointWriteError naming the step that failed. Orbax writes each checkpoint to a temporary
+  folder and renames it when complete, so a crash or a full disk never leaves a half-written
+  checkpoint under a step's name.
+  """
+
+  def __init__(self, workdir: str, keep: int):
+    self.manager = create_manager(workdir, keep)
+    self._writing_step: int | None = None
+
+  def save(self, state: TrainState, *, force: bool = False) -> None:
+    self.wait()
+    step = int(state.step)
+    with _write_errors(self.manager, step):
+      self.manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+                        force=force)
+    self._writing_step = step
+
+  def wait(self) -> None:
+    """Waits for the write in progress; raises CheckpointWriteError if it failed."""
+    if self._writing_step is None:
+      return
+    step, self._writing_step = self._writing_step, None
+    with _write_errors(self.manager, step):
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+
+  def restore_latest(self, state: TrainState) -> TrainState:
+    return restore_latest(self.manager, state)
+
+  def close(self) -> None:
+    """Waits for the write in progress (its error, if any, is raised) and closes the manager."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+@contextlib.contextmanager
+def _write_errors(manager: ocp.CheckpointManager, step: int):
+  """Turns a failed write of `step` into a CheckpointWriteError with what the user can do."""
   try:
-    manager.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-                 force=force)
-    manager.wait_until_finished()
+    yield
   except (OSError, ValueError) as error:
     # TensorStore reports a failed write as ValueError, the OS error code in its message.
     code = error.errno if isinstance(error, OSError) else _os_error_code(str(error))

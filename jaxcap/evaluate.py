@@ -110,19 +110,20 @@ def log_examples(result: SplitResult, references: Mapping[int, Sequence[str]], c
                  result.generated[image_id], references[image_id][0])
 
 
-def make_eval_fn(config: ml_collections.ConfigDict, mesh, state_sharding):
+def make_eval_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable:
   """Jitted (state, batch) -> (loss sums, caption ids by `config.decode`, image ids, mask).
 
   The batch is split along 'data' over every process; the outputs are replicated, so each
   process receives every process's captions.
   """
+  decode_key = train_step_lib.named_key(config.seed, 'decode')
+
   def eval_fn(state, batch):
     sums = train_step_lib.eval_step(state, batch)
     tokens = decode.decode(state.apply_fn, state.variables, batch['image'], config.data.max_len,
-                           config.decode, jax.random.key(config.seed))
+                           config.decode, decode_key)
     return sums, tokens, batch['image/id'], batch['mask']
-  return jax.jit(eval_fn, in_shardings=(state_sharding, parallel.data_sharding(mesh)),
-                 out_shardings=parallel.replicated(mesh))
+  return parallel.jit_data_parallel(eval_fn, mesh)
 
 
 class SplitEvaluator:
@@ -130,9 +131,9 @@ class SplitEvaluator:
   scripts/evaluate.py both use it. References and token tables are read once per split."""
 
   def __init__(self, builder, tokenizer: tokenizer_lib.Tokenizer,
-               config: ml_collections.ConfigDict, mesh, state_sharding):
+               config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     self.builder, self.tokenizer, self.config, self.mesh = builder, tokenizer, config, mesh
-    self.eval_fn = make_eval_fn(config, mesh, state_sharding)
+    self.eval_fn = make_eval_fn(config, mesh)
     self.batch_size = parallel.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
     self._splits: dict[str, tuple[dict, input_pipeline.TokenTable]] = {}
 

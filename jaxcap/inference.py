@@ -44,7 +44,7 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax
   pretrained encoder variables when given."""
   replicated = parallel.replicated(mesh)
   state = jax.jit(functools.partial(train_step_lib.create_train_state, config, model),
-                  out_shardings=replicated)(jax.random.key(config.seed))
+                  out_shardings=replicated)(train_step_lib.named_key(config.seed, 'params'))
   if encoder_weights is not None:
     state = jax.jit(train_step_lib.with_encoder_variables, out_shardings=replicated)(
         state, encoder_weights)
@@ -56,7 +56,7 @@ def initial_decoder_state(config: ml_collections.ConfigDict, model: nn.Module,
   """The decoder alone (training on cached embeddings), replicated over `mesh`."""
   return jax.jit(functools.partial(train_step_lib.create_decoder_state, config, model,
                                    embedding_dim=embedding_dim),
-                 out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
+                 out_shardings=parallel.replicated(mesh))(train_step_lib.named_key(config.seed, 'params'))
 
 
 def trained_on_features(config: ml_collections.ConfigDict) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
@@ -85,6 +85,13 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def jit_data_parallel(fn: Callable, mesh: Mesh, *, donate_state: bool = False) -> Callable:
+  """`fn(state, batch)` jitted data-parallel: the state replicated, the batch split along 'data'
+  over every device, the outputs replicated (so every process receives all of them)."""
+  return jax.jit(fn, in_shardings=(replicated(mesh), data_sharding(mesh)),
+                 out_shardings=replicated(mesh), donate_argnums=0 if donate_state else ())
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = 'batch_size') -> int:

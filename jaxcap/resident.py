@@ -135,7 +135,7 @@ def batch_at(data: ResidentData, order: Order, seed_key: jax.Array, step: jax.Ar
   order = jax.lax.cond(
       epoch != order.epoch,
       lambda: Order(epoch.astype(jnp.int32),
-                    epoch_order(jax.random.fold_in(seed_key, epoch), data.bucket, per_shard_batch)),
+                    epoch_order(jax.random.fold_in(train_step_lib.rng_stream(seed_key, 'order'), epoch), data.bucket, per_shard_batch)),
       lambda: order)
   rows = order.indices[:, position]  # (shards, per_shard_batch)
   take = jax.vmap(lambda array, index: array[index])

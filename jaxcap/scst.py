@@ -103,7 +103,8 @@ def make_scst_step(*, per_shard_batch: int, num_samples: int, baseline: str, tem
 
   def step(state: train_step_lib.TrainState, data: ScstData, tables: rewards.NgramTables,
            seed_key: jax.Array):
-    order_key, sample_key = jax.random.split(seed_key)
+    order_key = train_step_lib.rng_stream(seed_key, 'order')
+    sample_key = train_step_lib.rng_stream(seed_key, 'sample')
     num_shards, images_per_shard = data.embedding.shape[:2]
     index = images_at(order_key, state.step, num_shards, images_per_shard, per_shard_batch)
     take = jax.vmap(lambda array, rows: array[rows])

@@ -36,6 +36,12 @@ def rng_stream(seed_key: jax.Array, name: str) -> jax.Array:
   return jax.random.fold_in(seed_key, zlib.crc32(name.encode()))
 
 
+def named_key(seed: int, name: str) -> jax.Array:
+  """The key of one use of randomness (`name`: 'params', 'dropout', 'order', 'decode', ...)
+  for a run seeded with `seed`, as the Flax examples split one key per use."""
+  return rng_stream(jax.random.key(seed), name)
+
+
 def _dropout_rngs(state: TrainState, dropout_key: jax.Array | None) -> dict[str, jax.Array]:
   """The step's dropout rng: a pure function of (key, step), so a resumed run replays it."""
   return {} if dropout_key is None else {'dropout': jax.random.fold_in(dropout_key, state.step)}

@@ -12,7 +12,9 @@ steps, `config.resident.steps_per_call` per jitted call, data resident on the de
 the config's dataset alone: needs TensorFlow and the dataset), `cider` (the device CIDEr-D of
 --batch_size candidates, 5 references each, beside pycocoevalcap's host scorer on the same
 inputs when it is installed) and `scst` (self-critical steps on synthetic cached features,
-`config.scst` settings, with the reward's share of the step). Synthetic captions follow
+`config.scst` settings, with the reward's share of the step) and `checkpoint` (the wall time
+a checkpoint adds to a loop of train steps: saved as training saves, asynchronously, and saved
+then waited for, against the same loop without saves). Synthetic captions follow
 COCO's lengths (words ~ N(10.5, 2.5), clipped, plus BOS and EOS, padded to max_len). Timing waits
 for the device and excludes compilation; FLOPs come from XLA's cost analysis of the lowered
 function (train steps with their scans unrolled; decode counts its token loop once), and the
@@ -49,7 +51,7 @@ from jaxcap.models import captioner  # pylint: disable=g-import-not-at-top
 FLAGS = flags.FLAGS
 command_line.define_config_flag(help_string='Configuration file.')
 flags.DEFINE_enum('mode', 'train', ['decoder', 'decoder_resident', 'encoder', 'train', 'decode', 'pipeline',
-                                    'cider', 'scst'],
+                                    'cider', 'scst', 'checkpoint'],
                   'What to time.')
 flags.DEFINE_integer('embedding_dim', 2048, 'Image embedding size of the decoder mode (InceptionV3: 2048).')
 flags.DEFINE_integer('batch_size', None, 'Global batch (default: config.batch_size).')
@@ -60,6 +62,7 @@ flags.DEFINE_integer('warmup', 2, 'Untimed calls first (compilation).')
 flags.DEFINE_integer('num_batches', 32, 'Decoder modes: distinct synthetic batches (x batch_size rows).')
 flags.DEFINE_integer('peak_matmul_size', 2048, 'Side of the square matrix product timed for the peak.')
 flags.DEFINE_string('workdir', None, 'pipeline mode: where the tokenizer is kept (default: a temporary folder).')
+flags.DEFINE_integer('checkpoint_every', 4, 'checkpoint mode: train steps between checkpoints.')
 flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
 
 # COCO captions: words per caption ~ N(mean, std), clipped to [_MIN_WORDS, max_len - 2].
@@ -148,7 +151,7 @@ def decoder_workload(config, mesh, batch_size: int, vocab_size: int, resident_st
   model = captioner.create_model(config.model, vocab_size)
   state = inference.initial_decoder_state(config, model, mesh, FLAGS.embedding_dim)
   decoder_step = functools.partial(train_step_lib.decoder_train_step, dropout_key=_DROPOUT_KEY)
-  step = jax.jit(decoder_step, donate_argnums=0)
+  step = parallel.jit_data_parallel(decoder_step, mesh, donate_state=True)
   # Host batches as a length-grouping input pipeline makes them.
   grouped = np.argsort(resident.bucket_index(tokens, buckets), kind='stable').reshape(num_batches, batch_size)
   batches = [parallel.shard_batch(resident.trim_to_bucket(
@@ -187,15 +190,16 @@ def image_workload(config, mesh, mode: str, batch_size: int, vocab_size: int) ->
       'tokens': tokens}, mesh)
   if mode == 'train':
     train_step = functools.partial(train_step_lib.train_step, dropout_key=_DROPOUT_KEY)
-    step = jax.jit(train_step, donate_argnums=0)
+    step = parallel.jit_data_parallel(train_step, mesh, donate_state=True)
     flops = unrolled_step_flops(config, vocab_size, train_step, state, batch)
     return Workload([functools.partial(_stateful(step, state), batch)], 1, flops,
                     float((tokens[:, 1:] != PAD_ID).sum()))
   if mode == 'encoder':
-    fn = jax.jit(lambda s, images: s.apply_fn(s.variables, images, method='encode'))
+    fn = parallel.jit_data_parallel(
+        lambda s, images: s.apply_fn(s.variables, images, method='encode'), mesh)
   else:
-    fn = jax.jit(lambda s, images: decode.decode(
-        s.apply_fn, s.variables, images, config.data.max_len, config.decode, jax.random.key(0)))
+    fn = parallel.jit_data_parallel(lambda s, images: decode.decode(
+        s.apply_fn, s.variables, images, config.data.max_len, config.decode, jax.random.key(0)), mesh)
   return Workload([functools.partial(fn, state, batch['image'])], 1, flops_of(fn, (state, batch['image'])))
 
 
@@ -275,6 +279,57 @@ def scst_workload(config, mesh, batch_size: int, vocab_size: int) -> tuple[Workl
            'baseline': config.scst.baseline, 'steps_per_call': steps_per_call})
 
 
+def checkpoint_stall(config, mesh, batch_size: int, vocab_size: int) -> dict[str, Any]:
+  """Seconds a checkpoint adds to a loop of --steps train steps (at least one checkpoint's
+  worth) that saves every
+  --checkpoint_every steps, with the loop's finite-loss check (a device sync) at each save point
+  in every variant; the variants are interleaved, twice, and the faster of each is kept."""
+  from jaxcap import checkpoint  # pylint: disable=g-import-not-at-top
+  model = captioner.create_model(config.model, vocab_size)
+  size = config.data.image_size
+  batch = parallel.shard_batch({
+      'image': np.random.default_rng(1).uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
+      'tokens': synthetic_tokens(batch_size, config.data.max_len, vocab_size)}, mesh)
+  step = parallel.jit_data_parallel(
+      functools.partial(train_step_lib.train_step, dropout_key=_DROPOUT_KEY), mesh, donate_state=True)
+  holder = {'state': inference.initial_state(config, model, mesh)}
+  jax.block_until_ready(step(holder['state'], batch))  # Compiled (the state was donated).
+  holder['state'] = inference.initial_state(config, model, mesh)
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(holder['state']))
+  every = FLAGS.checkpoint_every
+  steps = max(FLAGS.steps, every)  # At least one checkpoint.
+
+  def loop(saving: str) -> tuple[float, float]:
+    """(seconds of the loop, seconds of the last write's wait after it)."""
+    with tempfile.TemporaryDirectory(prefix='jaxcap_checkpoint_') as workdir:
+      checkpoints = checkpoint.Checkpoints(workdir, keep=2)
+      start = time.perf_counter()
+      for i in range(1, steps + 1):
+        holder['state'], metrics = step(holder['state'], batch)
+        if i % every == 0:
+          jax.device_get(metrics['finite'])
+          if saving != 'none':
+            checkpoints.save(holder['state'])
+          if saving == 'sync':
+            checkpoints.wait()
+      jax.block_until_ready(holder['state'])
+      seconds = time.perf_counter() - start
+      checkpoints.close()
+      return seconds, time.perf_counter() - start - seconds
+
+  runs: dict[str, list[tuple[float, float]]] = {'none': [], 'sync': [], 'async': []}
+  for _ in range(2):
+    for saving in runs:
+      runs[saving].append(loop(saving))
+  best = {saving: min(times) for saving, times in runs.items()}
+  saves = steps // every
+  return {'state_bytes': state_bytes, 'steps': steps, 'checkpoints': saves, 'checkpoint_every': every,
+          'loop_seconds': {saving: seconds for saving, (seconds, _) in best.items()},
+          'seconds_per_checkpoint_sync': (best['sync'][0] - best['none'][0]) / saves,
+          'seconds_per_checkpoint_async': (best['async'][0] - best['none'][0]) / saves,
+          'final_wait_seconds_async': best['async'][1]}
+
+
 def pipeline_workload(config, batch_size: int) -> Workload:
   """The training input pipeline alone (TensorFlow is imported here only): the dataset is
   built or found as training would, the tokenizer kept in --workdir."""
@@ -293,6 +348,14 @@ def main(argv):
   batch_size = FLAGS.batch_size or config.batch_size
   mode = FLAGS.mode
   extra: dict[str, Any] = {}
+  if mode == 'checkpoint':
+    mesh = parallel.make_mesh()
+    results = {'mode': mode, 'batch_size': batch_size, 'image_size': config.data.image_size,
+               'encoder': config.model.encoder, 'train_encoder': config.model.train_encoder,
+               'device_kind': jax.devices()[0].device_kind,
+               **checkpoint_stall(config, mesh, batch_size, FLAGS.vocab_size)}
+    _report(results)
+    return
   if mode == 'pipeline':
     workload = pipeline_workload(config, batch_size)
   elif mode == 'cider':
@@ -335,6 +398,10 @@ def main(argv):
   if mode == 'scst':
     results['captions_per_sec'] = results['examples_per_sec'] * config.scst.num_samples
     results['reward_share'] = extra['reward_seconds_per_step'] * results['steps_per_sec']
+  _report(results)
+
+
+def _report(results: dict[str, Any]) -> None:
   print(json.dumps(results, indent=1))
   if FLAGS.json:
     pathlib.Path(FLAGS.json).resolve().parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from jaxcap import caption  # pylint: disable=g-import-not-at-top
 from jaxcap import evaluate  # pylint: disable=g-import-not-at-top
 from jaxcap import inference  # pylint: disable=g-import-not-at-top
-from jaxcap import parallel  # pylint: disable=g-import-not-at-top
 from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -48,8 +47,7 @@ def main(argv):
     builder = input_pipeline.get_builder(config.data)
   except input_pipeline.DataNotFoundError as error:
     raise SystemExit(str(error)) from None
-  evaluator = evaluate.SplitEvaluator(builder, trained.tokenizer, config, trained.mesh,
-                                      parallel.replicated(trained.mesh))
+  evaluator = evaluate.SplitEvaluator(builder, trained.tokenizer, config, trained.mesh)
   result = evaluator(trained.state, FLAGS.split)
   step = int(trained.state.step)
   method = config.decode.method + (str(config.decode.beam_size) if config.decode.method == 'beam' else '')

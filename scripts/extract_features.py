@@ -16,7 +16,7 @@ from absl import flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
 from jaxcap import command_line  # pylint: disable=g-import-not-at-top
 from jaxcap import parallel  # pylint: disable=g-import-not-at-top
-from jaxcap import train  # pylint: disable=g-import-not-at-top
+from jaxcap.data import feature_cache  # pylint: disable=g-import-not-at-top
 from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
 from jaxcap.models import inception_v3  # pylint: disable=g-import-not-at-top
 
@@ -34,12 +34,12 @@ def main(argv):
   config = FLAGS.config
   splits = FLAGS.splits or [config.data.train_split, *config.data.eval_splits]
   try:
-    cached = train.extract_features(config, FLAGS.workdir, splits)
+    cached = feature_cache.extract_splits(config, FLAGS.workdir, splits)
   except (input_pipeline.DataNotFoundError, inception_v3.WeightsError) as error:
     raise SystemExit(str(error)) from None
   for split, features in cached.items():
     print(f'{split}: {len(features.image_ids)} images, embeddings {features.embedding.shape[1]}-d '
-          f'{features.embedding.dtype} in {train.feature_cache_dir(config, FLAGS.workdir)}')
+          f'{features.embedding.dtype} in {feature_cache.directory(config, FLAGS.workdir)}')
 
 
 if __name__ == '__main__':

@@ -34,8 +34,9 @@ flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes ($J
 flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0 to num_processes - 1 ($JAX_PROCESS_ID).')
 
 
-# Libraries whose INFO lines (checkpoint internals, dataset reads, duplicate scalars) are hidden.
-_QUIET_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/clu/')
+# Libraries whose INFO lines (checkpoint and dataset internals) are hidden; jaxcap's metric
+# writer (clu) logs the metrics and the progress.
+_QUIET_LIBRARIES = ('/orbax/', '/tensorflow_datasets/')
 
 
 class _QuietLibraries(std_logging.Filter):

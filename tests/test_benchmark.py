@@ -52,3 +52,4 @@ def test_pipeline_mode_times_the_input(tmp_path, data_dir):
   assert result.returncode == 0, result.stderr[-2000:]
   results = json.loads(output.read_text())
   assert results['mode'] == 'pipeline' and results['examples_per_sec'] > 0
+

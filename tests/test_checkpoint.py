@@ -21,37 +21,41 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_save_and_restore_round_trip(config, tmp_path):
   mesh = parallel.make_mesh()
   state, step = _state(config, mesh), _jit_step(mesh)
-  manager = checkpoint.create_manager(str(tmp_path), keep=2)
+  checkpoints = checkpoint.Checkpoints(str(tmp_path), keep=2)
   for seed in range(3):
+    # Saved while the next steps run: the donated buffers are reused under the write.
+    checkpoints.save(state)
     state, _ = step(state, parallel.shard_batch(_random_batch(config, 16, seed), mesh))
-    checkpoint.save(manager, state)
-  manager.wait_until_finished()
-  assert manager.all_steps() == [2, 3]
+  checkpoints.save(state)
+  written = jax.tree.map(jnp.copy, state)
+  state, _ = step(state, parallel.shard_batch(_random_batch(config, 16, 7), mesh))
+  checkpoints.close()
+  assert checkpoints.manager.all_steps() == [2, 3]
 
   fresh = _state(config, mesh)
   assert checkpoint.restore_latest(checkpoint.create_manager(str(tmp_path / 'empty'), 2), fresh) is fresh
   restored = checkpoint.restore_latest(checkpoint.create_manager(str(tmp_path), 2), fresh)
   assert int(restored.step) == 3
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(written.params),
                jax.device_get(restored.params))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state),
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(written.opt_state),
                jax.device_get(restored.opt_state))
   leaf = restored.params['decoder']['bottleneck_to_logits']['kernel']
   assert leaf.sharding.is_equivalent_to(parallel.replicated(mesh), leaf.ndim)
   # Training continues from the restored state exactly as from the original.
   batch = parallel.shard_batch(_random_batch(config, 16, 9), mesh)
-  _, expected = step(jax.tree.map(jnp.copy, state), batch)
+  _, expected = step(written, batch)
   _, actual = step(restored, batch)
   np.testing.assert_array_equal(expected['loss'], actual['loss'])
 
 
 def _saved_steps(config, mesh, directory, steps):
   state, step = _state(config, mesh), _jit_step(mesh)
-  manager = checkpoint.create_manager(directory, keep=3)
+  checkpoints = checkpoint.Checkpoints(directory, keep=3)
   for seed in range(steps):
     state, _ = step(state, parallel.shard_batch(_random_batch(config, 16, seed), mesh))
-    checkpoint.save(manager, state)
-  return manager
+    checkpoints.save(state)
+  checkpoints.close()
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(config, tmp_path, caplog):
@@ -79,17 +83,21 @@ from tests.conftest import tiny_config
 from tests.test_train_step import _jit_step, _random_batch, _state
 config, mesh = tiny_config(sys.argv[2]), parallel.make_mesh(jax.devices()[:1])
 state, step = _state(config, mesh), _jit_step(mesh)
-manager = checkpoint.create_manager(sys.argv[1], keep=3)
+checkpoints = checkpoint.Checkpoints(sys.argv[1], keep=3)
 for seed in range(2):
   state, _ = step(state, parallel.shard_batch(_random_batch(config, 16, seed), mesh))
-  checkpoint.save(manager, state)
+  checkpoints.save(state)
+checkpoints.wait()
 np.save(sys.argv[1] + '/kernel2.npy', jax.device_get(state.params['decoder']['bottleneck_to_logits']['kernel']))
 state, _ = step(state, parallel.shard_batch(_random_batch(config, 16, 5), mesh))
 # Files of this process may not grow past 20 kB from here on: the write fails part-way.
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
 try:
-  checkpoint.save(manager, state)
+  checkpoints.save(state)  # Step 3: written in the background while training goes on.
+  print('SAVE RETURNED', flush=True)
+  state, _ = step(state, parallel.shard_batch(_random_batch(config, 16, 6), mesh))
+  checkpoints.save(state)  # Step 4: reports step 3's failure before starting.
 except checkpoint.CheckpointWriteError as error:
   print('ERROR:', error)
 """
@@ -102,6 +110,8 @@ def test_a_failed_write_names_the_step_and_keeps_earlier_checkpoints(config, tmp
                           capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, 'XLA_FLAGS': ''})
   assert result.returncode == 0, result.stderr[-3000:]
+  # The failed write did not stop the step that started it; the next save reported it.
+  assert 'SAVE RETURNED' in result.stdout, result.stdout + result.stderr[-3000:]
   assert re.search(r'ERROR: .*could not write the checkpoint of step 3 .*File too large.*'
                    r'intact \(steps \[1, 2\]\)', result.stdout), result.stdout + result.stderr[-3000:]
   manager = checkpoint.create_manager(str(tmp_path), keep=3)

@@ -10,6 +10,7 @@ import pytest
 from jaxcap import inference
 from jaxcap import parallel
 from jaxcap import train
+from jaxcap.data import feature_cache
 from jaxcap.data import input_pipeline
 from jaxcap.data import prepare
 from jaxcap.models import captioner
@@ -46,7 +47,7 @@ def _table(prepared, config, split):
 def test_cache_equals_streaming_resumes_and_rebuilds_when_stale(config, tmp_path, caplog):
   config = _features_config(config)
   workdir = str(tmp_path)
-  cached = train.extract_features(config, workdir, ['val'])['val']
+  cached = feature_cache.extract_splits(config, workdir, ['val'])['val']
   streamed = _streamed_embeddings(config, workdir, 'val')
   assert sorted(cached.image_ids.tolist()) == sorted(streamed) and len(streamed) == 12
   for image_id, embedding in zip(cached.image_ids.tolist(), cached.embedding):
@@ -59,14 +60,14 @@ def test_cache_equals_streaming_resumes_and_rebuilds_when_stale(config, tmp_path
   (directory / 'complete.json').unlink()
   (directory / 'part-00001.npz').unlink()
   first_part_mtime = (directory / 'part-00000.npz').stat().st_mtime_ns
-  resumed = train.extract_features(config, workdir, ['val'])['val']
+  resumed = feature_cache.extract_splits(config, workdir, ['val'])['val']
   assert (directory / 'part-00000.npz').stat().st_mtime_ns == first_part_mtime
   np.testing.assert_array_equal(resumed.embedding, cached.embedding)
 
   # Another image size makes other embeddings: the cache is rebuilt, not reused.
   config.data.image_size = 24
   with caplog.at_level(logging.WARNING):
-    rebuilt = train.extract_features(config, workdir, ['val'])['val']
+    rebuilt = feature_cache.extract_splits(config, workdir, ['val'])['val']
   assert 'stale (image_size changed)' in caplog.text
   assert json.loads((directory / 'fingerprint.json').read_text())['image_size'] == 24
   assert not np.allclose(rebuilt.embedding, cached.embedding)

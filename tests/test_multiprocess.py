@@ -1,9 +1,11 @@
-"""Across processes and interruptions: 2 processes x 2 devices train exactly as 1 x 4, and a
-run killed with SIGKILL and restarted reproduces the uninterrupted run's losses."""
+"""Across processes and interruptions: 2 processes x 2 devices train exactly as 1 x 4 and agree
+on the step at which a preemption notice to one of them stops both, and a run killed with
+SIGKILL and restarted reproduces the uninterrupted run's losses."""
 
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -49,57 +51,87 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture
-def built_data_dir(data_dir):
+STEPS = 40
+
+
+@pytest.fixture(scope='module')
+def run_config(data_dir, tmp_path_factory):
+  """The config both tests run, and one uninterrupted run of it (1 process x 8 devices)."""
   input_pipeline.get_builder(tiny_config(data_dir).data)  # Built once, before processes share it.
-  return data_dir
-
-
-def test_two_processes_train_as_one(built_data_dir, tmp_path):
+  directory = tmp_path_factory.mktemp('multiprocess')
   config_file = write_config_file(
-      tmp_path / 'config.py', built_data_dir, num_train_steps=6, log_every_steps=1,
-      checkpoint_every_steps=3, **{'data.input_shards': 2, 'data.eval_splits': ('val',)})
-  single = tmp_path / 'single'
-  result = subprocess.run(_train_command(config_file, single), env=_env(4), capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+      directory / 'config.py', data_dir, num_train_steps=STEPS, log_every_steps=1,
+      checkpoint_every_steps=5, **{'data.input_shards': 2, 'data.eval_splits': ('val',)})
+  uninterrupted = directory / 'uninterrupted'
+  result = subprocess.run(_train_command(config_file, uninterrupted), env=_env(8),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
   assert result.returncode == 0, result.stderr[-3000:]
+  return config_file, uninterrupted
 
+
+def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+
+
+def _logged_step(workdir: pathlib.Path) -> int:
+  """The latest train step in metrics.jsonl while a run writes it (0 before the first)."""
+  try:
+    return max(_train_losses(workdir), default=0)
+  except (FileNotFoundError, ValueError):  # Not yet written, or a line being written.
+    return 0
+
+
+def test_two_processes_train_as_one_and_agree_on_preemption(run_config, tmp_path):
+  """2 x 2 devices train as 1 x 8. SIGTERM reaches process 1 only, mid-run: both processes save
+  the same step and exit 0; the same command then finishes the run with the same losses."""
+  config_file, uninterrupted = run_config
   double = tmp_path / 'double'
   address = f'127.0.0.1:{_free_port()}'
-  processes = [subprocess.Popen(
-      _train_command(config_file, double, f'--coordinator_address={address}', '--num_processes=2',
-                     f'--process_id={i}'), env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
+  command = lambda i: _train_command(config_file, double, f'--coordinator_address={address}',
+                                     '--num_processes=2', f'--process_id={i}')
+  processes = [subprocess.Popen(command(i), env=_env(2), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+  deadline = time.monotonic() + TIMEOUT_S
+  while _logged_step(double) < 2:
+    assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
+    time.sleep(0.01)
+  processes[1].send_signal(signal.SIGTERM)  # Process 0 never gets the notice.
+  outputs = [p.communicate(timeout=60) for p in processes]  # Both stop within a bounded time.
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+  stopped = [int(re.search(r'SIGTERM: saved the checkpoint of step (\d+)', stderr).group(1))
+             for _, stderr in outputs]
+  assert stopped[0] == stopped[1] < STEPS, stopped
+  # The regular checkpoints, and one more at the agreed step.
+  assert _checkpoint_steps(double) == sorted({*range(5, stopped[0] + 1, 5), stopped[0]})[-2:]
+  assert 'on 4 devices' in outputs[0][1]
+
+  processes = [subprocess.Popen(command(i), env=_env(2), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=TIMEOUT_S) for p in processes]
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-3000:]
-  assert 'on 4 devices' in outputs[0][1]
+    assert f'Resumed from the checkpoint of step {stopped[0]}' in stderr
 
-  single_losses, double_losses = _train_losses(single), _train_losses(double)
-  assert sorted(double_losses) == list(range(1, 7))
-  np.testing.assert_allclose([double_losses[s] for s in range(1, 7)],
-                             [single_losses[s] for s in range(1, 7)], rtol=1e-5)
-  single_state, double_state = inference.restore(str(single)).state, inference.restore(str(double)).state
-  assert int(double_state.step) == 6
+  # Before and after the preemption: the losses of one process with 8 devices (up to the order
+  # of the gradient all-reduce), step by step, and the same final parameters.
+  expected, losses = _train_losses(uninterrupted), _train_losses(double)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([losses[s] for s in range(1, STEPS + 1)],
+                             [expected[s] for s in range(1, STEPS + 1)], rtol=1e-5)
+  single_state, double_state = inference.restore(str(uninterrupted)).state, inference.restore(str(double)).state
+  assert int(double_state.step) == STEPS
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                jax.device_get(single_state.params), jax.device_get(double_state.params))
   # Evaluation gathered both processes' captions: every val image was scored once.
   val = [json.loads(line) for line in (double / 'metrics.jsonl').read_text().splitlines()
          if json.loads(line)['split'] == 'val']
   assert val[-1]['num_images'] == 12
-  assert len(json.loads((double / 'captions' / 'val_step6.json').read_text())) == 12
+  assert len(json.loads((double / 'captions' / f'val_step{STEPS}.json').read_text())) == 12
 
 
-def test_sigkill_and_restart_replays_the_same_losses(built_data_dir, tmp_path):
-  steps = 40
-  config_file = write_config_file(
-      tmp_path / 'config.py', built_data_dir, num_train_steps=steps, log_every_steps=1,
-      checkpoint_every_steps=5, **{'data.eval_splits': ()})
-  uninterrupted = tmp_path / 'uninterrupted'
-  result = subprocess.run(_train_command(config_file, uninterrupted), env=_env(8),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-  assert result.returncode == 0, result.stderr[-3000:]
-
+def test_sigkill_and_restart_replays_the_same_losses(run_config, tmp_path):
+  config_file, uninterrupted = run_config
   killed = tmp_path / 'killed'
   process = subprocess.Popen(_train_command(config_file, killed), env=_env(8),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -109,13 +141,13 @@ def test_sigkill_and_restart_replays_the_same_losses(built_data_dir, tmp_path):
     time.sleep(0.01)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  logged_before = max(_train_losses(killed))
-  assert logged_before < steps, 'the run ended before it was killed'
+  logged_before = _logged_step(killed)
+  assert logged_before < STEPS, 'the run ended before it was killed'
   result = subprocess.run(_train_command(config_file, killed), env=_env(8), capture_output=True,
                           text=True, timeout=TIMEOUT_S)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Resumed from the checkpoint of step' in result.stderr
 
   expected, replayed = _train_losses(uninterrupted), _train_losses(killed)
-  assert sorted(replayed) == list(range(1, steps + 1))
-  assert [replayed[s] for s in range(1, steps + 1)] == [expected[s] for s in range(1, steps + 1)]
+  assert sorted(replayed) == list(range(1, STEPS + 1))
+  assert [replayed[s] for s in range(1, STEPS + 1)] == [expected[s] for s in range(1, STEPS + 1)]

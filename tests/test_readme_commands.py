@@ -305,6 +305,11 @@ def _check_benchmark(p: Plan, result, checkout: Checkout) -> None:
 
 
 def _check_benchmark_json(results: dict) -> None:
+  if results['mode'] == 'checkpoint':
+    assert results['state_bytes'] > 0 and results['checkpoints'] > 0, results
+    assert set(results['loop_seconds']) == {'none', 'sync', 'async'}, results
+    assert all(seconds > 0 for seconds in results['loop_seconds'].values()), results
+    return
   assert results['steps_per_sec'] > 0 and results['examples_per_sec'] > 0, results
   assert results['flops_per_step'] > 0 and 0 < results['mfu'], results
   assert ('tokens_per_sec' in results) == (results['mode'] in ('train', 'decoder', 'decoder_resident'))

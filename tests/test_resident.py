@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxcap import inference
 from jaxcap import parallel
 from jaxcap import resident
 from jaxcap import train_step as train_step_lib
@@ -27,10 +28,7 @@ def _rows(max_len=12, seed=0):
 
 def _decoder_state(config, mesh, vocab_size=VOCAB):
   model = captioner.create_model(config.model, vocab_size)
-  init = jax.jit(functools.partial(train_step_lib.create_decoder_state, config, model,
-                                   embedding_dim=EMBEDDING_DIM),
-                 out_shardings=parallel.replicated(mesh))
-  return init(jax.random.key(0))
+  return inference.initial_decoder_state(config, model, mesh, EMBEDDING_DIM)
 
 
 def test_buckets_and_trimming():

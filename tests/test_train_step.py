@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcap import decode
+from jaxcap import inference
 from jaxcap import parallel
 from jaxcap import train_step as train_step_lib
 from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -28,17 +29,11 @@ def _random_batch(config, batch_size, seed=0):
 
 
 def _state(config, mesh, vocab_size=VOCAB):
-  model = captioner.create_model(config.model, vocab_size)
-  init = jax.jit(functools.partial(train_step_lib.create_train_state, config, model),
-                 out_shardings=parallel.replicated(mesh))
-  return init(jax.random.key(0))
+  return inference.initial_state(config, captioner.create_model(config.model, vocab_size), mesh)
 
 
 def _jit_step(mesh):
-  return jax.jit(train_step_lib.train_step,
-                 in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
-                 out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-                 donate_argnums=0)
+  return parallel.jit_data_parallel(train_step_lib.train_step, mesh, donate_state=True)
 
 
 def _overfit_losses(config, steps=60):

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -157,11 +157,9 @@ def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collection
       builder, split, config.data, batch_size=batch_size, start=start_batch * batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
   batches = input_pipeline.eval_batches(ds, batch_size, num_batches - start_batch)
-  encode = jax.jit(
+  encode = parallel.jit_data_parallel(
       lambda s, batch: (s.apply_fn(s.variables, batch['image'], method='encode'),
-                        batch['image/id'], batch['mask']),
-      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
-      out_shardings=parallel.replicated(mesh))
+                        batch['image/id'], batch['mask']), mesh)
   storage_dtype = np.dtype(features.storage_dtype)
   start = time.perf_counter()
   for part in range(done_parts, num_parts):
@@ -194,3 +192,25 @@ def _mark_complete(directory: str, num_examples: int) -> SplitFeatures:
   _write_atomically(os.path.join(directory, COMPLETE_FILENAME), lambda f: f.write(json.dumps(
       {'images': num_examples, 'embedding_dim': int(result.embedding.shape[1])}).encode()))
   return result
+
+
+def directory(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where a run's feature cache lives: config.features.cache_dir, or WORKDIR/features."""
+  return config.features.cache_dir or os.path.join(workdir, 'features')
+
+
+def extract_splits(config: ml_collections.ConfigDict, workdir: str,
+                   splits: Sequence[str]) -> dict[str, SplitFeatures]:
+  """Fills the feature cache of `splits` with the config's (frozen) encoder, as training would;
+  returns each split's cached features. Complete, current caches are only read."""
+  # The model side, imported here: jaxcap.data stays below the models.
+  from jaxcap import inference  # pylint: disable=g-import-not-at-top
+  from jaxcap.data import prepare  # pylint: disable=g-import-not-at-top
+  from jaxcap.models import captioner  # pylint: disable=g-import-not-at-top
+  encoder_weights = captioner.load_encoder_weights(config.model)
+  prepared = prepare.prepare(config, workdir)
+  mesh = parallel.make_mesh()
+  model = captioner.create_model(config.model, prepared.tokenizer.vocab_size)
+  full_state = inference.initial_state(config, model, mesh, encoder_weights)
+  return {split: extract(prepared.builder, split, config, full_state, mesh,
+                         directory(config, workdir)) for split in splits}
