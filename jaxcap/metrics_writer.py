@@ -30,7 +30,8 @@ class JsonlWriter(metric_writers.MetricWriter):
       self._step = step
     for key, value in scalars.items():
       split, _, name = key.rpartition('/')
-      self._records.setdefault(split or 'train', {})[name] = float(value)
+      value = value.item() if hasattr(value, 'item') else value  # numpy -> int or float
+      self._records.setdefault(split or 'train', {})[name] = value
 
   def flush(self) -> None:
     if self._records:

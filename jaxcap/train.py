@@ -331,9 +331,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       num_train_steps=last_step, writer=writer, every_secs=None,
       on_steps=_every(config.log_every_steps, last_step))
   actions = [
-      progress,
+      # First: fetching the metrics waits for the steps, so progress times finished steps.
       periodic_actions.PeriodicCallback(
           on_steps=_every(config.log_every_steps, last_step), callback_fn=log_train_metrics),
+      progress,
       periodic_actions.PeriodicCallback(
           on_steps=_every(config.checkpoint_every_steps, last_step), callback_fn=save_checkpoint),
       periodic_actions.PeriodicCallback(
