@@ -91,12 +91,16 @@ def test_two_processes_train_as_one_and_agree_on_preemption(run_config, tmp_path
                                      '--num_processes=2', f'--process_id={i}')
   processes = [subprocess.Popen(command(i), env=_env(2), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True) for i in range(2)]
-  deadline = time.monotonic() + TIMEOUT_S
-  while _logged_step(double) < 2:
-    assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
-    time.sleep(0.01)
-  processes[1].send_signal(signal.SIGTERM)  # Process 0 never gets the notice.
-  outputs = [p.communicate(timeout=60) for p in processes]  # Both stop within a bounded time.
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while _logged_step(double) < 2:
+      assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
+      time.sleep(0.01)
+    processes[1].send_signal(signal.SIGTERM)  # Process 0 never gets the notice.
+    outputs = [p.communicate(timeout=60) for p in processes]  # Both stop within a bounded time.
+  finally:
+    for process in processes:
+      process.kill()  # A process that hangs (waiting for its peer) must not outlive the test.
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-3000:]
   stopped = [int(re.search(r'SIGTERM: saved the checkpoint of step (\d+)', stderr).group(1))
