@@ -68,11 +68,11 @@ class RatesWriter(metric_writers.MultiWriter):
 
 
 def create(workdir: str, *, is_chief: bool,
-           per_step: Mapping[str, float] = {}) -> metric_writers.MetricWriter:  # pylint: disable=dangerous-default-value
+           per_step: Mapping[str, float] | None = None) -> metric_writers.MetricWriter:
   """Logs on every process; process 0 also writes TensorBoard events and metrics.jsonl.
   `per_step` names rates to derive from steps/s: {'examples_per_sec': batch_size}."""
   writers = [metric_writers.LoggingWriter()]
   if is_chief:
     writers += [metric_writers.SummaryWriter(workdir),
                 JsonlWriter(os.path.join(workdir, METRICS_FILENAME))]
-  return RatesWriter(writers, per_step)
+  return RatesWriter(writers, per_step or {})

@@ -233,9 +233,12 @@ def _check_intervals(config: ml_collections.ConfigDict, steps_per_call: int) -> 
 def _create_trainer(config, workdir, prepared, train_table, full_state, model, mesh,
                     checkpoints) -> _Trainer:
   """The trainer the config asks for, from the latest checkpoint if there is one."""
-  if not config.features.enabled:
+  if config.scst.enabled:  # First: it also stops a config without cached features.
+    make = _scst_trainer
+  elif config.features.enabled:
+    make = _resident_trainer
+  else:
     return _streaming_trainer(config, prepared, train_table, full_state, mesh, checkpoints)
-  make = _scst_trainer if config.scst.enabled else _resident_trainer
   trainer = make(config, workdir, prepared, train_table, full_state, model, mesh, checkpoints)
   _check_intervals(config, trainer.steps_per_call)
   return trainer
@@ -327,13 +330,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         results[split] = result.metrics
 
   # Progress: steps/s, examples/s and the ETA, with the time evaluations and checkpoints take.
+  log_steps = _every(config.log_every_steps, last_step)
   progress = periodic_actions.ReportProgress(
-      num_train_steps=last_step, writer=writer, every_secs=None,
-      on_steps=_every(config.log_every_steps, last_step))
+      num_train_steps=last_step, writer=writer, every_secs=None, on_steps=log_steps)
   actions = [
       # First: fetching the metrics waits for the steps, so progress times finished steps.
-      periodic_actions.PeriodicCallback(
-          on_steps=_every(config.log_every_steps, last_step), callback_fn=log_train_metrics),
+      periodic_actions.PeriodicCallback(on_steps=log_steps, callback_fn=log_train_metrics),
       progress,
       periodic_actions.PeriodicCallback(
           on_steps=_every(config.checkpoint_every_steps, last_step), callback_fn=save_checkpoint),

@@ -169,3 +169,6 @@ def test_self_critical_needs_its_start_and_cached_features(config, tmp_path):
   config.scst.init_from = str(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='init_from=.*missing: not a jaxcap workdir'):
     inference.init_from_state(config, None)
+  config.features.enabled = False
+  with pytest.raises(ValueError, match='scst.enabled=True trains on cached features'):
+    train._create_trainer(config, str(tmp_path), *[None] * 6)  # Stops before using them.
