@@ -17,7 +17,7 @@ def get_config():
   config.features.enabled = True
   # A frozen encoder embeds each image the same way every epoch: that is what makes a cache valid.
   config.model.train_encoder = False
-  # About 414k training captions: 3,237 steps an epoch at batch 128. Intervals are multiples of
+  # About 566k training captions: 4,400 steps an epoch at batch 128. Intervals are multiples of
   # resident.steps_per_call.
   config.resident.steps_per_call = 200
   config.log_every_steps = 1_000

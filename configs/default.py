@@ -37,8 +37,23 @@ def get_config() -> ml_collections.ConfigDict:
   data.vocab_size = 10_000
   # 'bpe' or 'unigram'; bpe keeps whole words on small corpora.
   data.tokenizer_type = 'bpe'
-  # coco_captions only: a folder with COCO 2014 in the official layout, built without download.
+  # coco_captions only: a COCO-format folder on disk, built without download: COCO 2014, a
+  # subset of it, or your own images captioned in COCO's format (jaxcap/data/coco_local.py).
   data.coco_dir = ml_collections.config_dict.placeholder(str)
+  # Its caption files and image folders, relative to coco_dir. val_annotations=None: one
+  # annotation file, whose images are split into train, val and test by rule (README).
+  data.coco_files = ml_collections.ConfigDict({
+      'train_annotations': 'annotations/captions_train2014.json',
+      'train_images': 'train2014',
+      'val_annotations': ml_collections.FieldReference('annotations/captions_val2014.json',
+                                                       field_type=str),
+      'val_images': 'val2014',
+  })
+  # A caption JSON in Karpathy's schema (dataset_coco.json, dataset_flickr8k.json,
+  # dataset_flickr30k.json or your own) and the folder of its images. When set, the dataset is
+  # built from them with the file's splits, and data.name only labels it (jaxcap/data/karpathy.py).
+  data.karpathy_json = ml_collections.config_dict.placeholder(str)
+  data.image_dir = ml_collections.config_dict.placeholder(str)
   # Decoder training on cached features cuts each batch's token rows to the smallest of these
   # lengths that holds them all (rows are grouped by length), so no work is spent on padding.
   # (max_len,) turns it off.

@@ -7,6 +7,7 @@ PTB tokenizer (both it and METEOR run `java`). SPICE is left out: it needs a dow
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -35,12 +36,25 @@ def check_java() -> None:
                        'install a Java runtime, e.g. `apt-get install default-jre-headless`.')
 
 
+@functools.cache
+def _meteor_process():
+  """One METEOR java process per Python process, kept for later evaluations: each start loads
+  its paraphrase tables, seconds of every periodic evaluation otherwise."""
+  from pycocoevalcap.meteor.meteor import Meteor
+  return Meteor()
+
+
+def _meteor():
+  if _meteor_process().meteor_p.poll() is not None:  # It died: start another.
+    _meteor_process.cache_clear()
+  return _meteor_process()
+
+
 def coco_metrics(references: Mapping[int, Sequence[str]],
                  generated: Mapping[int, str]) -> dict[str, float]:
   """BLEU-1..4, METEOR, ROUGE-L, CIDEr of generated captions against all references."""
   from pycocoevalcap.bleu.bleu import Bleu
   from pycocoevalcap.cider.cider import Cider
-  from pycocoevalcap.meteor.meteor import Meteor
   from pycocoevalcap.rouge.rouge import Rouge
   from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -55,7 +69,7 @@ def coco_metrics(references: Mapping[int, Sequence[str]],
   res = {i: [c[0] if c[0] else '.'] for i, c in res.items()}
   bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
   scores = dict(zip(_METRIC_KEYS[:4], bleu))
-  scores['meteor'], _ = Meteor().compute_score(gts, res)
+  scores['meteor'], _ = _meteor().compute_score(gts, res)
   scores['rouge_l'], _ = Rouge().compute_score(gts, res)
   scores['cider'], _ = Cider().compute_score(gts, res)
   return {k: float(v) for k, v in scores.items()}

@@ -48,8 +48,8 @@ class NonFiniteLossError(FloatingPointError):
 _RESUME_LOCKED_FIELDS = frozenset({
     'model.encoder', 'model.encoder_weights', 'model.train_encoder', 'model.small_cnn.features',
     'model.image_bottleneck', 'model.embed_dim', 'model.lstm_size', 'model.logit_bottleneck',
-    'data.name', 'data.vocab_size', 'data.tokenizer_type', 'data.coco_dir', 'optimizer.name',
-    'features.enabled', 'scst.enabled', 'scst.init_from'})
+    'data.name', 'data.vocab_size', 'data.tokenizer_type', 'data.coco_dir', 'data.karpathy_json',
+    'optimizer.name', 'features.enabled', 'scst.enabled', 'scst.init_from'})
 _RESUME_LOCKED_PREFIXES = ('data.shapes.',)  # The built-in dataset's generation.
 
 
@@ -122,7 +122,7 @@ def _streaming_trainer(config, prepared, train_table, full_state, mesh, checkpoi
   state = checkpoints.restore_latest(full_state)
   # Batches are a pure function of (seed, step): a resumed run continues the same sequence.
   batches = input_pipeline.train_dataset(
-      prepared.builder, config.data.train_split, train_table, config.data,
+      prepared.builder, prepared.train_split, train_table, config.data,
       batch_size=parallel.check_batch_size(config.batch_size, mesh), seed=config.seed,
       start_step=int(state.step), process_index=jax.process_index(),
       process_count=jax.process_count()).as_numpy_iterator()
@@ -147,7 +147,7 @@ def _cached_features(config, workdir, prepared, full_state, mesh):
   if config.model.train_encoder:
     raise ValueError('config.features.enabled=True trains on cached embeddings of a frozen '
                      'encoder: set config.model.train_encoder=False')
-  return feature_cache.extract(prepared.builder, config.data.train_split, config, full_state,
+  return feature_cache.extract(prepared.builder, prepared.train_split, config, full_state,
                                mesh, feature_cache.directory(config, workdir))
 
 

@@ -45,10 +45,11 @@ def main(argv):
     config.decode.length_penalty = FLAGS.length_penalty
   try:
     builder = input_pipeline.get_builder(config.data)
-  except input_pipeline.DataNotFoundError as error:
+    split = input_pipeline.resolve_split(builder, FLAGS.split, '--split')
+  except input_pipeline.DataError as error:
     raise SystemExit(str(error)) from None
   evaluator = evaluate.SplitEvaluator(builder, trained.tokenizer, config, trained.mesh)
-  result = evaluator(trained.state, FLAGS.split)
+  result = evaluator(trained.state, split)
   step = int(trained.state.step)
   method = config.decode.method + (str(config.decode.beam_size) if config.decode.method == 'beam' else '')
   stem = os.path.join(FLAGS.workdir, 'eval', f'{FLAGS.split}_step{step}_{method}')

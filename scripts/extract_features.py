@@ -32,10 +32,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   parallel.initialize_distributed()
   config = FLAGS.config
-  splits = FLAGS.splits or [config.data.train_split, *config.data.eval_splits]
   try:
-    cached = feature_cache.extract_splits(config, FLAGS.workdir, splits)
-  except (input_pipeline.DataNotFoundError, inception_v3.WeightsError) as error:
+    cached = feature_cache.extract_splits(config, FLAGS.workdir, FLAGS.splits)
+  except (input_pipeline.DataError, inception_v3.WeightsError) as error:
     raise SystemExit(str(error)) from None
   for split, features in cached.items():
     print(f'{split}: {len(features.image_ids)} images, embeddings {features.embedding.shape[1]}-d '

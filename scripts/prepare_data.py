@@ -2,6 +2,8 @@
 
   python scripts/prepare_data.py --config configs/coco.py --workdir workdirs/coco \
       --config.data.coco_dir=/data/coco --input_speed_batches=50
+  python scripts/prepare_data.py --config configs/flickr8k.py --workdir workdirs/flickr8k \
+      --config.data.karpathy_json=/data/dataset_flickr8k.json --config.data.image_dir=/data/Flicker8k_Dataset
 
 Training runs the same preparation; this shows what it found before any model is built.
 """
@@ -15,6 +17,7 @@ from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from jaxcap import command_line  # pylint: disable=g-import-not-at-top
+from jaxcap.data import caption_files  # pylint: disable=g-import-not-at-top
 from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
 from jaxcap.data import prepare  # pylint: disable=g-import-not-at-top
 
@@ -33,17 +36,24 @@ def main(argv):
   config = FLAGS.config
   try:
     prepared = prepare.prepare(config, FLAGS.workdir)
-  except input_pipeline.DataNotFoundError as error:
+  except input_pipeline.DataError as error:
     raise SystemExit(str(error)) from None
   skipped = prepare.skipped_by_split(prepared.builder)
-  print(f'Dataset {prepared.builder.name} in {prepared.builder.data_dir}')
+  print(f'Dataset {prepared.builder.info.full_name} in {prepared.builder.data_dir}')
+  rule, empty = caption_files.split_notes(prepared.builder)
+  if rule:
+    print(f'Splits: {rule}')
+  for split, reason in empty.items():
+    print(f'{split}: no images, left out ({reason})')
   print(f'Tokenizer: {prepared.tokenizer.vocab_size} ids in {FLAGS.workdir}')
-  splits = dict.fromkeys([config.data.train_split, *config.data.eval_splits])
+  splits = dict.fromkeys([prepared.train_split, *config.data.eval_splits])
   for split in splits:
-    captions = (prepared.train_captions if split == config.data.train_split
+    captions = (prepared.train_captions if split == prepared.train_split
                 else input_pipeline.read_captions(prepared.builder, split))
     report = prepare.split_report(captions, prepared.tokenizer)
-    print(f'{split}: {report["images"]} images, {report["captions"]} captions '
+    small = (f' (fewer than {prepare.FEW_IMAGES}: its metrics will be noisy)'
+             if split != prepared.train_split and report['images'] < prepare.FEW_IMAGES else '')
+    print(f'{split}: {report["images"]} images{small}, {report["captions"]} captions '
           f'(per image: {report["captions_per_image"]}), words per caption '
           f'p5/p50/p95/max {report["words_p5"]:.0f}/{report["words_p50"]:.0f}/'
           f'{report["words_p95"]:.0f}/{report["words_p100"]:.0f}, '

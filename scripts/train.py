@@ -53,7 +53,7 @@ def main(argv):
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (input_pipeline.DataNotFoundError, inception_v3.WeightsError,
+  except (input_pipeline.DataError, inception_v3.WeightsError,
           checkpoint.CheckpointWriteError) as error:
     raise SystemExit(str(error)) from None  # A message for the user, not a stack trace.
 

@@ -1,5 +1,6 @@
-"""COCO captions: the on-disk builder on a tiny official-layout folder, tfds' coco_captions under
-mock data, the missing-data message, and one real training step on COCO-format data."""
+"""COCO captions: the on-disk builder on a tiny official-layout folder with every odd case, tfds'
+coco_captions under mock data, and the missing-data message. Other folders, bad input and
+training on them: tests/test_caption_files.py."""
 
 import os
 
@@ -9,15 +10,16 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import coco as coco_config
+from jaxcap.data import caption_files
 from jaxcap.data import coco_local
 from jaxcap.data import input_pipeline
 from jaxcap.data import tokenizer as tokenizer_lib
-from tests import coco_fixture
+from tests import caption_folders
 
 
 @pytest.fixture(scope='module')
 def coco_builder(tmp_path_factory):
-  root = coco_fixture.make_coco_dir(str(tmp_path_factory.mktemp('coco')))
+  root = caption_folders.make_coco_dir(str(tmp_path_factory.mktemp('coco')))
   config = coco_config.get_config()
   config.data.coco_dir = root
   config.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
@@ -35,9 +37,9 @@ def _reasons(skipped):
 def test_builder_keeps_and_skips_exactly(coco_builder):
   builder, _ = coco_builder
   sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
-  assert sizes == coco_fixture.EXPECTED_SPLIT_SIZES
-  skipped = coco_local.read_skipped(builder)
-  assert _reasons(skipped) == coco_fixture.EXPECTED_SKIPPED
+  assert sizes == caption_folders.EXPECTED_SPLIT_SIZES
+  skipped = caption_files.read_skipped(builder)
+  assert _reasons(skipped) == caption_folders.EXPECTED_SKIPPED
   assert any('000000000007' in s['item'] for s in skipped)  # Truncated, named.
 
 
@@ -58,13 +60,14 @@ def test_odd_images_are_decoded_correctly(coco_builder):
   assert examples[1]['image/filename'] == b'COCO_train2014_000000000001.jpg'
 
 
-def test_without_karpathy_file_val2014_is_sliced(tmp_path):
-  root = coco_fixture.make_coco_dir(str(tmp_path / 'coco'), karpathy=False)
-  skipped = []
-  splits = coco_local.split_records(root, skipped)
-  assert [r.image_id for r in splits['val']] == [101, 102, 103]  # All of val2014: < 5000 images.
-  assert splits['test'] == [] and splits['restval'] == []
-  assert len(splits['train']) == 10
+def test_without_karpathy_file_val2014_is_split_by_rule(tmp_path):
+  root = caption_folders.make_coco_dir(str(tmp_path / 'coco'), karpathy=False)
+  config = coco_config.get_config()
+  splits, rule = coco_local.split_records(root, config.data.coco_files, caption_files.Skips())
+  # 3 val2014 images: val and test take half each (at least one), restval the rest.
+  assert [[r.image_id for r in splits[name]] for name in ('val', 'test', 'restval')] == [
+      [101], [102], [103]]
+  assert len(splits['train']) == 10 and rule.startswith('no dataset_coco.json')
 
 
 def test_pipeline_on_coco_format_data(coco_builder):
@@ -88,23 +91,6 @@ def test_center_crop_takes_the_middle_square():
   image = np.arange(4 * 6).reshape(4, 6, 1).repeat(3, -1).astype(np.uint8)
   crop = np.asarray(input_pipeline.center_crop(tf.constant(image)))
   np.testing.assert_array_equal(crop, image[:, 1:5])
-
-
-@pytest.mark.slow
-def test_one_training_step_on_coco_format_data(coco_builder, tmp_path):
-  from jaxcap import train
-  builder, base = coco_builder
-  config = coco_config.get_config()
-  config.data.coco_dir, config.data.data_dir = base.data.coco_dir, base.data.data_dir
-  config.model.encoder, config.model.encoder_weights = 'small_cnn', None
-  config.model.small_cnn.features = (8,)
-  config.model.lstm_size = config.model.embed_dim = 16
-  config.data.image_size, config.data.vocab_size, config.data.shuffle_buffer = 32, 64, 8
-  config.batch_size = config.eval.batch_size = 8
-  config.num_train_steps = config.log_every_steps = 1
-  results = train.train_and_evaluate(config, str(tmp_path))
-  assert results['val']['num_images'] == 1 and results['test']['num_images'] == 1
-  assert np.isfinite(results['val']['loss'])
 
 
 def test_missing_coco_stops_with_both_ways(tmp_path):
@@ -176,7 +162,9 @@ def test_prepare_data_script_reports_splits_and_skips(coco_builder, tmp_path):
   assert result.returncode == 0, result.stderr
   out = result.stdout
   assert 'train+restval: 7 images, 34 captions (per image: {3: 1, 5: 5, 6: 1})' in out, out
-  assert 'val: 1 images, 5 captions' in out and 'test: 1 images, 5 captions' in out
+  assert 'val: 1 images (fewer than 100: its metrics will be noisy), 5 captions' in out
+  assert 'test: 1 images (fewer than 100: its metrics will be noisy), 5 captions' in out
+  assert 'Splits: the splits of dataset_coco.json' in out
   assert 'skipped (train): 2 x unreadable image' in out
   assert 'skipped (train): 1 x listed but missing from disk' in out
   assert 'skipped (all): 1 x empty caption' in out

@@ -7,7 +7,11 @@ command tested. Each runs as written, as a subprocess in a fresh folder laid out
 the other tests use appended as overrides (the last flag wins). What cannot exist here is stood
 in for, and the output says so:
 - COCO: `coco_captions` from tfds needs a 38 GB download, so COCO configs get
-  `--config.data.coco_dir=` a COCO-format folder of real JPEG files (tests/coco_fixture.py).
+  `--config.data.coco_dir=` a COCO-format folder of real JPEG files (tests/caption_folders.py).
+- The data folders the README names under `/data/` are test folders of the same layout (real
+  JPEG files, JSON in the real schemas): `coco` (official COCO 2014 layout), `mine` (one
+  annotation file, `captions.json`, and `images/`), `flickr8k` and `flickr30k` (Karpathy's
+  JSON and the image folder of each release's name).
 - Keras' ImageNet weights: a Keras InceptionV3 with random weights, saved as the legacy HDF5 file
   that Keras would have downloaded, lies in the command's `~/.keras/models` (HOME is a test
   folder), where Keras finds it instead of downloading.
@@ -43,7 +47,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import coco_fixture
+from tests import caption_folders
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCUMENTS = ('README.md', 'docs/benchmarks.md')
@@ -127,6 +131,7 @@ class Checkout:
   home: pathlib.Path
   tfds_dir: str
   coco_dir: str
+  data: pathlib.Path  # Stands in for /data/.
   shared_storage: pathlib.Path
   results: pathlib.Path
   no_tensorflow: pathlib.Path
@@ -175,7 +180,14 @@ def checkout(tmp_path_factory, data_dir) -> Checkout:
   no_tensorflow.mkdir(parents=True)
   (no_tensorflow / '__init__.py').write_text(
       "raise ImportError('TensorFlow is hidden: accelerator hosts run benchmarks without it')\n")
-  return Checkout(repo, home, data_dir, coco_fixture.make_coco_dir(str(base / 'coco')),
+  data = base / 'data'
+  mine = caption_folders.make_coco_format_dir(str(data / 'mine'), {'images': 20})
+  os.replace(os.path.join(mine, 'annotations', 'captions_images.json'),
+             os.path.join(mine, 'captions.json'))
+  caption_folders.make_flickr8k_dir(str(data / 'flickr8k'))
+  caption_folders.make_flickr8k_dir(str(data / 'flickr30k'), 'dataset_flickr30k.json',
+                                    'flickr30k-images')
+  return Checkout(repo, home, data_dir, caption_folders.make_coco_dir(str(data / 'coco')), data,
                   base / 'shared_storage', base / 'results', no_tensorflow.parent)
 
 
@@ -245,9 +257,12 @@ def plan(command: DocCommand, checkout: Checkout) -> Plan:
     extra, stand_in = _config_overrides(argv, checkout)
     argv += extra
     stand_ins += [stand_in] if stand_in else []
+    if any('=/data/' in a for a in argv):
+      argv = [a.replace('=/data/', f'={checkout.data}/') for a in argv]
+      stand_ins.append('test folders of the same layout for /data/')
     for i, arg in enumerate(argv):
       if arg.startswith('--coordinator_address='):
-        argv[i] = f'--coordinator_address=127.0.0.1:{{port}}'
+        argv[i] = '--coordinator_address=127.0.0.1:{port}'
         stand_ins.append('this machine for the other hosts')
       if arg.startswith('/shared/'):
         argv[i] = str(checkout.shared_storage / arg[len('/shared/'):])

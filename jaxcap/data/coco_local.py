@@ -1,185 +1,146 @@
-"""COCO captions 2014 built from a copy already on disk (the official folder layout), no download.
+"""Caption datasets from COCO-format folders on disk, no download: COCO 2014 itself, a subset of
+it, or your own images captioned in COCO's format.
 
-    COCO_DIR/train2014/COCO_train2014_*.jpg
-    COCO_DIR/val2014/COCO_val2014_*.jpg
-    COCO_DIR/annotations/captions_train2014.json
-    COCO_DIR/annotations/captions_val2014.json
-    COCO_DIR/dataset_coco.json          (optional: Karpathy's splits)
+    COCO_DIR/train2014/COCO_train2014_*.jpg          config.data.coco_files.train_images
+    COCO_DIR/annotations/captions_train2014.json     config.data.coco_files.train_annotations
+    COCO_DIR/val2014/COCO_val2014_*.jpg              config.data.coco_files.val_images
+    COCO_DIR/annotations/captions_val2014.json       config.data.coco_files.val_annotations
+    COCO_DIR/dataset_coco.json                       optional: Karpathy's splits
 
-The dataset has the features and split names of tfds `coco_captions` (train, restval, val,
-test). With Karpathy's file its splits are used; without it, official train2014 is `train` and
-val2014, sorted by image id, gives `val` (first 5,000), `test` (next 5,000) and `restval` (rest).
-Captions come from the official annotation files. Odd inputs are decoded when possible
-(grayscale, CMYK, PNG content, EXIF rotation) and skipped with a reason otherwise; the reasons
-are written to `skipped.json` beside the prepared dataset.
+Paths are relative to COCO_DIR (absolute ones are kept). The dataset has the features and split
+names of tfds `coco_captions` (train, restval, val, test); captions come from the annotation
+files. With Karpathy's file its splits are used. Without it, the train annotations are `train`,
+and the val annotations' images, sorted by id, give `val` and `test` half each (at most 5,000
+each: COCO 2014's fixed cut) and `restval` the rest. Without val annotations
+(`val_annotations=None`: one annotation file), val and test take 10% of its images each (at
+least one) and the rest is `train`. Odd images are decoded when possible (grayscale, CMYK, PNG
+content, EXIF rotation); anything unusable is skipped with a reason in `skipped.json`
+(caption_files).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import io
-import json
 import os
-import unicodedata
-from typing import Iterator
+from typing import Any
 
-import numpy as np
+import ml_collections
 import tensorflow_datasets as tfds
-from PIL import Image
-from PIL import ImageOps
 
-SPLITS = ('train', 'restval', 'val', 'test')
-# Without Karpathy's file: val2014 images (sorted by id) [0, 5000) are val, [5000, 10000) test.
-FALLBACK_EVAL_IMAGES = 5000
-SKIPPED_FILENAME = 'skipped.json'
-_EXIF_ORIENTATION = 0x0112
+from jaxcap.data import caption_files
+from jaxcap.data import karpathy
+from jaxcap.data.caption_files import field
 
-
-@dataclasses.dataclass(frozen=True)
-class ImageRecord:
-  image_id: int
-  path: str
-  captions: tuple[tuple[int, str], ...]  # (annotation id, text)
+KARPATHY_FILENAME = 'dataset_coco.json'
+# The share of its pool that val and test each take without Karpathy's file (caption_files).
+VAL_ANNOTATIONS_EVAL_FRACTION = 0.5
+ONE_FILE_EVAL_FRACTION = 0.1
+WHAT = 'COCO caption annotations'
 
 
-def normalize_caption(text: str) -> str:
-  """NFC unicode, single spaces, no leading or trailing white space."""
-  return ' '.join(unicodedata.normalize('NFC', text).split())
-
-
-def _load_json(path: str) -> dict:
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as error:
-    raise ValueError(f'{path}: cannot read COCO annotations ({error})') from error
-
-
-def _official_records(coco_dir: str, year_split: str, skipped: list) -> dict[str, ImageRecord]:
-  """file_name -> record from annotations/captions_{year_split}.json; extra fields are ignored."""
-  path = os.path.join(coco_dir, 'annotations', f'captions_{year_split}.json')
-  data = _load_json(path)
-  for key in ('images', 'annotations'):
-    if key not in data:
-      raise ValueError(f'{path}: no "{key}" field; not a COCO captions file')
+def _official_records(annotations_path: str, image_dir: str, seen_ids: dict[int, str],
+                      skips: caption_files.Skips) -> dict[str, caption_files.ImageRecord]:
+  """file_name -> record from a COCO captions file; extra fields are ignored."""
+  data = caption_files.load_json(annotations_path, WHAT)
+  where = f'{annotations_path}: the file'
+  images, annotations = field(data, 'images', list, where), field(data, 'annotations', list, where)
   captions = collections.defaultdict(list)
-  for annotation in data['annotations']:
-    text = normalize_caption(str(annotation.get('caption', '')))
+  for k, annotation in enumerate(annotations):
+    where = f'{annotations_path}: annotations[{k}]'
+    image_id, caption_id = field(annotation, 'image_id', int, where), field(annotation, 'id', int, where)
+    text = annotation.get('caption')
+    text = caption_files.normalize_caption(text) if isinstance(text, str) else ''
     if not text:
-      skipped.append({'item': f'caption {annotation.get("id")} of image {annotation.get("image_id")}',
-                      'reason': 'empty caption'})
+      skips.add(f'caption {caption_id} of image {image_id}', f'empty caption ({where}.caption)')
       continue
-    captions[annotation['image_id']].append((int(annotation['id']), text))
+    captions[image_id].append((caption_id, text))
   records = {}
-  for image in data['images']:
-    file_name = image['file_name']
-    records[file_name] = ImageRecord(int(image['id']), os.path.join(coco_dir, year_split, file_name),
-                                     tuple(sorted(captions.get(image['id'], []))))
+  for k, image in enumerate(images):
+    where = f'{annotations_path}: images[{k}]'
+    image_id, file_name = field(image, 'id', int, where), field(image, 'file_name', str, where)
+    path = os.path.join(image_dir, file_name)
+    if file_name in records or image_id in seen_ids:
+      twin = 'file_name' if file_name in records else f'id (as {seen_ids[image_id]})'
+      skips.add(path, f'listed twice ({where} has the {twin} of an earlier image; the first is kept)')
+      continue
+    seen_ids[image_id] = where
+    records[file_name] = caption_files.ImageRecord(
+        image_id, path, tuple(sorted(captions.get(image_id, []))), f'{where}.file_name')
   return records
 
 
-def split_records(coco_dir: str, skipped: list) -> dict[str, list[ImageRecord]]:
-  """The images of each split, before their files are read."""
-  train = _official_records(coco_dir, 'train2014', skipped)
-  val = _official_records(coco_dir, 'val2014', skipped)
-  karpathy_path = os.path.join(coco_dir, 'dataset_coco.json')
-  splits: dict[str, list[ImageRecord]] = {name: [] for name in SPLITS}
+def _by_id(records: dict[str, caption_files.ImageRecord]) -> list[caption_files.ImageRecord]:
+  return sorted(records.values(), key=lambda r: r.image_id)
+
+
+def _resolve(coco_dir: str, relative: str | None) -> str | None:
+  return None if not relative else os.path.join(coco_dir, os.path.expanduser(relative))
+
+
+def split_records(coco_dir: str, files: ml_collections.ConfigDict | dict[str, Any],
+                  skips: caption_files.Skips) -> tuple[dict[str, list], str]:
+  """The images of each split before their files are read, and the rule that chose them."""
+  seen_ids: dict[int, str] = {}
+  paths = {key: _resolve(coco_dir, files[key]) for key in
+           ('train_annotations', 'train_images', 'val_annotations', 'val_images')}
+  for key, path in paths.items():
+    exists = os.path.isdir if key.endswith('images') else os.path.isfile
+    if key.startswith('train') or paths['val_annotations']:
+      if not path or not exists(path):
+        kind = 'folder' if key.endswith('images') else 'file'
+        raise caption_files.DataError(
+            f'config.data.coco_files.{key}: {path} is not a {kind} (under coco_dir={coco_dir})')
+  train = _official_records(paths['train_annotations'], paths['train_images'], seen_ids, skips)
+  val = ({} if not paths['val_annotations'] else
+         _official_records(paths['val_annotations'], paths['val_images'], seen_ids, skips))
+  karpathy_path = os.path.join(coco_dir, KARPATHY_FILENAME)
+  splits: dict[str, list] = {name: [] for name in caption_files.SPLITS}
   if os.path.exists(karpathy_path):
-    for image in _load_json(karpathy_path)['images']:
-      record = train.get(image['filename']) or val.get(image['filename'])
+    listed: dict[str, int] = {}
+    for index, entry in karpathy.read_images(karpathy_path, skips):
+      record = train.get(entry['filename']) or val.get(entry['filename'])
+      where = f'{karpathy_path}: images[{index}].filename'
       if record is None:
-        skipped.append({'item': image['filename'], 'reason': 'in dataset_coco.json but in neither '
-                        'captions_train2014.json nor captions_val2014.json'})
-      elif image['split'] in splits:
-        splits[image['split']].append(record)
+        skips.add(entry['filename'], f'in {KARPATHY_FILENAME} but in no annotation file ({where})')
+      elif entry['filename'] in listed:
+        skips.add(entry['filename'], f'listed twice ({where} is also images['
+                  f'{listed[entry["filename"]]}]; the first is kept)')
+      else:
+        listed[entry['filename']] = index
+        splits[entry['split']].append(record)
+    return splits, f'the splits of {KARPATHY_FILENAME}'
+  if val:
+    splits['train'] = _by_id(train)
+    splits['val'], splits['test'], splits['restval'] = caption_files.cut_eval_splits(
+        _by_id(val), VAL_ANNOTATIONS_EVAL_FRACTION)
+    rule = caption_files.rule_text('the val annotations\' images', VAL_ANNOTATIONS_EVAL_FRACTION,
+                                   'restval')
   else:
-    splits['train'] = sorted(train.values(), key=lambda r: r.image_id)
-    ordered = sorted(val.values(), key=lambda r: r.image_id)
-    splits['val'] = ordered[:FALLBACK_EVAL_IMAGES]
-    splits['test'] = ordered[FALLBACK_EVAL_IMAGES:2 * FALLBACK_EVAL_IMAGES]
-    splits['restval'] = ordered[2 * FALLBACK_EVAL_IMAGES:]
-  return splits
+    splits['val'], splits['test'], splits['train'] = caption_files.cut_eval_splits(
+        _by_id(train), ONE_FILE_EVAL_FRACTION)
+    rule = caption_files.rule_text('the train annotations\' images (no val annotations)',
+                                   ONE_FILE_EVAL_FRACTION, 'train')
+  return splits, f'no {KARPATHY_FILENAME}: {rule}'
 
 
-def read_image(path: str) -> np.ndarray | bytes:
-  """The image as tfds takes it: the file's bytes when it is a plain RGB JPEG, else decoded,
-  EXIF-rotated RGB pixels. Raises OSError for missing, truncated or undecodable files."""
-  with open(path, 'rb') as f:
-    data = f.read()
-  with Image.open(io.BytesIO(data)) as image:
-    image.load()  # Decodes fully: truncated or corrupt files raise here.
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    if image.format == 'JPEG' and image.mode == 'RGB' and orientation == 1:
-      return data
-    return np.asarray(ImageOps.exif_transpose(image).convert('RGB'))
+class CocoCaptionsLocal(caption_files.CaptionFilesBuilder):
+  """tfds `coco_captions` features and splits from a COCO-format folder on disk."""
 
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '2.0.0': 'Configurable files; small folders split by rule; a builder config per folder.',
+  }
 
-class CocoCaptionsLocal(tfds.core.GeneratorBasedBuilder):
-  """tfds `coco_captions` features and splits, from COCO 2014 on disk."""
-
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-
-  def __init__(self, *, coco_dir: str, **kwargs):
+  def __init__(self, *, coco_dir: str, files: ml_collections.ConfigDict | dict[str, Any],
+               **kwargs):
     self.coco_dir = os.path.abspath(os.path.expanduser(coco_dir))
-    self.skipped: list[dict[str, str]] = []
-    super().__init__(**kwargs)
+    self.files = dict(files)
+    super().__init__(label=os.path.basename(self.coco_dir),
+                     description=f'the COCO-format folder {self.coco_dir}',
+                     source={'coco_dir': self.coco_dir, **self.files}, **kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=f'COCO captions 2014 built from {self.coco_dir}.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(encoding_format='jpeg'),
-            'image/id': np.int64,
-            'image/filename': tfds.features.Text(),
-            'captions': tfds.features.Sequence({'id': np.int64, 'text': np.str_}),
-        }),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Everything is on disk already.
-    for required in ('train2014', 'val2014', 'annotations'):
-      if not os.path.isdir(os.path.join(self.coco_dir, required)):
-        raise FileNotFoundError(f'{self.coco_dir}: no {required}/ folder; expected the official '
-                                'COCO 2014 layout (train2014/, val2014/, annotations/)')
-    splits = split_records(self.coco_dir, self.skipped)
-    return {name: self._generate_examples(records, name) for name, records in splits.items()}
-
-  def _generate_examples(self, records: list[ImageRecord], split: str) -> Iterator:
-    def skip(record, reason):
-      self.skipped.append({'item': record.path, 'reason': reason, 'split': split})
-    for record in records:
-      if not record.captions:
-        skip(record, 'no captions')
-        continue
-      try:
-        image = read_image(record.path)
-      except FileNotFoundError:
-        skip(record, 'listed but missing from disk')
-        continue
-      except (OSError, ValueError, Image.DecompressionBombError) as error:
-        skip(record, f'unreadable image ({error})')
-        continue
-      yield record.image_id, {
-          'image': image,
-          'image/id': record.image_id,
-          'image/filename': os.path.basename(record.path),
-          'captions': [{'id': i, 'text': text} for i, text in record.captions],
-      }
-
-  def _download_and_prepare(self, *args, **kwargs):
-    self.skipped.clear()
-    super()._download_and_prepare(*args, **kwargs)
-    # Written into the dataset's (still temporary) folder, so it moves with it when complete.
-    with open(os.path.join(self.data_dir, SKIPPED_FILENAME), 'w') as f:
-      json.dump(self.skipped, f, indent=1)
-
-
-def read_skipped(builder: tfds.core.DatasetBuilder) -> list[dict[str, str]]:
-  """What the build skipped, with reasons ([] for datasets built by tfds itself)."""
-  path = os.path.join(builder.data_dir, SKIPPED_FILENAME)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return json.load(f)
+  def _split_records(self):
+    if not os.path.isdir(self.coco_dir):
+      raise caption_files.DataError(f'config.data.coco_dir: {self.coco_dir} is not a folder')
+    return split_records(self.coco_dir, self.files, self.skips)

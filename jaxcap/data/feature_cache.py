@@ -200,15 +200,19 @@ def directory(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def extract_splits(config: ml_collections.ConfigDict, workdir: str,
-                   splits: Sequence[str]) -> dict[str, SplitFeatures]:
-  """Fills the feature cache of `splits` with the config's (frozen) encoder, as training would;
-  returns each split's cached features. Complete, current caches are only read."""
+                   splits: Sequence[str] | None = None) -> dict[str, SplitFeatures]:
+  """Fills the feature cache of `splits` (default: the training split and the eval splits)
+  with the config's (frozen) encoder, as training would; returns each split's cached features.
+  Complete, current caches are only read."""
   # The model side, imported here: jaxcap.data stays below the models.
   from jaxcap import inference  # pylint: disable=g-import-not-at-top
   from jaxcap.data import prepare  # pylint: disable=g-import-not-at-top
   from jaxcap.models import captioner  # pylint: disable=g-import-not-at-top
   encoder_weights = captioner.load_encoder_weights(config.model)
   prepared = prepare.prepare(config, workdir)
+  if splits is None:
+    splits = [prepared.train_split, *config.data.eval_splits]
+  splits = [input_pipeline.resolve_split(prepared.builder, split, 'splits') for split in splits]
   mesh = parallel.make_mesh()
   model = captioner.create_model(config.model, prepared.tokenizer.vocab_size)
   full_state = inference.initial_state(config, model, mesh, encoder_weights)

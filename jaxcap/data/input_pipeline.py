@@ -12,12 +12,15 @@ import dataclasses
 import socket
 from typing import Iterator
 
+from absl import logging
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from jaxcap.data import caption_files
 from jaxcap.data import coco_local
+from jaxcap.data import karpathy
 from jaxcap.data import shapes_captions
 from jaxcap.data import tokenizer as tokenizer_lib
 
@@ -30,7 +33,10 @@ Batch = dict[str, np.ndarray]
 # --------------------------------------------------------------------------- datasets
 
 
-class DataNotFoundError(RuntimeError):
+DataError = caption_files.DataError
+
+
+class DataNotFoundError(DataError):
   """The dataset is not prepared and cannot be built from what this machine has."""
 
 
@@ -49,6 +55,13 @@ Get the data in one of two ways:
      (including test sets it never uses) and writes about 20 GB; it cannot use manually placed files.
 Then run scripts/prepare_data.py with the same config to check the result."""
 
+# Datasets jaxcap reads from their files only (no tfds download exists or works for them).
+MISSING_FILES_MESSAGE = """\
+{name} is read from its files: pass --config.data.karpathy_json=FILE --config.data.image_dir=DIR,
+Karpathy's {json} (in caption_datasets.zip) and the folder of the dataset's images. Then run
+scripts/prepare_data.py with the same config to check the result."""
+_FROM_FILES_ONLY = {'flickr8k': 'dataset_flickr8k.json', 'flickr30k': 'dataset_flickr30k.json'}
+
 
 def network_reachable(host: tuple[str, int] = _COCO_DOWNLOAD_HOST) -> bool:
   try:
@@ -59,16 +72,29 @@ def network_reachable(host: tuple[str, int] = _COCO_DOWNLOAD_HOST) -> bool:
 
 
 def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The tfds builder named by `config.data.name`, prepared (generated, built or downloaded).
+  """The dataset's tfds builder, prepared (generated, built from files or downloaded).
 
-  `coco_captions` is built from `config.data.coco_dir` when set, else downloaded by tfds; with
-  neither a prepared copy nor the network, this stops at once with DataNotFoundError.
+  A Karpathy-schema JSON (`config.data.karpathy_json` with `image_dir`) is built from its files
+  whatever `config.data.name` says; `coco_captions` is built from `config.data.coco_dir` when set,
+  else downloaded by tfds. With neither a prepared copy nor the network, or files that cannot be
+  used, this stops at once with a DataError (DataNotFoundError when nothing was given).
   """
-  if data_config.name == 'shapes_captions':
+  if data_config.karpathy_json or data_config.image_dir:
+    if not (data_config.karpathy_json and data_config.image_dir):
+      raise DataError('config.data.karpathy_json and config.data.image_dir go together: the '
+                      'caption JSON and the folder of its images')
+    builder = karpathy.KarpathyCaptions(json_path=data_config.karpathy_json,
+                                        image_dir=data_config.image_dir,
+                                        data_dir=data_config.data_dir)
+  elif data_config.name == 'shapes_captions':
     builder = shapes_captions.builder_from_config(data_config.shapes, data_config.data_dir)
   elif data_config.name == 'coco_captions' and data_config.coco_dir:
     builder = coco_local.CocoCaptionsLocal(coco_dir=data_config.coco_dir,
+                                           files=data_config.coco_files,
                                            data_dir=data_config.data_dir)
+  elif data_config.name in _FROM_FILES_ONLY:
+    raise DataNotFoundError(MISSING_FILES_MESSAGE.format(
+        name=data_config.name, json=_FROM_FILES_ONLY[data_config.name]))
   else:
     builder = tfds.builder(data_config.name, data_dir=data_config.data_dir)
     if not builder.is_prepared() and data_config.name == 'coco_captions':
@@ -77,6 +103,38 @@ def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
             data_dir=builder.data_dir, host=_COCO_DOWNLOAD_HOST[0]))
   builder.download_and_prepare()
   return builder
+
+
+def resolve_split(builder: tfds.core.DatasetBuilder, split: str, field_name: str,
+                  drop_empty: bool = False) -> str:
+  """`split` (a tfds split expression, e.g. 'train+restval'), checked against the dataset.
+
+  A part naming a split the build left out because it had no images is dropped with a logged
+  line when `drop_empty` (training), else stops with a DataError naming the split and why it is
+  empty (evaluation needs every split it names). An unknown split stops with its name.
+  """
+  _, empty = caption_files.split_notes(builder)
+  parts, dropped = [], []
+  for part in split.split('+'):
+    name = part.strip().split('[')[0]
+    if name in builder.info.splits:
+      parts.append(part.strip())
+    elif name in empty:
+      if not drop_empty:
+        raise DataError(f'{field_name} names split {name!r}, which has no images in '
+                        f'{builder.info.full_name}: {empty[name]}. Evaluate on other splits or '
+                        'add images')
+      dropped.append(name)
+    else:
+      raise DataError(f'{field_name}={split!r}: {builder.info.full_name} has no split '
+                      f'{name!r}; it has {", ".join(sorted(builder.info.splits))}')
+  if not parts:
+    raise DataError(f'{field_name}={split!r}: no training images in '
+                    f'{builder.info.full_name}: ' + '; '.join(f'{n}: {empty[n]}' for n in dropped))
+  for name in dropped:
+    logging.warning('%s=%r: split %r has no images and is left out (%s)', field_name,
+                    split, name, empty[name])
+  return '+'.join(parts)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,22 +14,27 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxcap import parallel
-from jaxcap.data import coco_local
+from jaxcap.data import caption_files
 from jaxcap.data import input_pipeline
 from jaxcap.data import tokenizer as tokenizer_lib
 
 _LENGTH_PERCENTILES = (5, 50, 95, 100)
+# An evaluation split with fewer images than this is flagged in the report: its metrics are noisy.
+FEW_IMAGES = 100
 
 
 @dataclasses.dataclass
 class PreparedData:
   builder: tfds.core.DatasetBuilder
   tokenizer: tokenizer_lib.Tokenizer
+  # config.data.train_split less the splits the build left out for having no images.
+  train_split: str
   train_captions: input_pipeline.SplitCaptions
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
-  """Builds (or finds) the dataset and trains (or loads) the workdir's tokenizer."""
+  """Builds (or finds) the dataset, checks its splits against the config, and trains (or
+  loads) the workdir's tokenizer."""
   data = config.data
   # Process 0 builds the dataset first; the others then find it (shared storage) or build their
   # own copy: two processes building into one folder at once collide.
@@ -38,7 +43,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
   parallel.sync_processes('dataset prepared')
   if jax.process_index() != 0:
     builder = input_pipeline.get_builder(data)
-  train_captions = input_pipeline.read_captions(builder, data.train_split)
+  train_split = input_pipeline.resolve_split(builder, data.train_split, 'config.data.train_split',
+                                             drop_empty=True)
+  for split in data.eval_splits:
+    input_pipeline.resolve_split(builder, split, 'config.data.eval_splits')
+  train_captions = input_pipeline.read_captions(builder, train_split)
   # Process 0 trains the tokenizer; the others wait for it and load the same file.
   if jax.process_index() == 0:
     tokenizer = tokenizer_lib.load_or_train(
@@ -46,7 +55,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
   parallel.sync_processes('tokenizer written')
   if jax.process_index() != 0:
     tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(workdir, tokenizer_lib.MODEL_FILENAME))
-  return PreparedData(builder, tokenizer, train_captions)
+  return PreparedData(builder, tokenizer, train_split, train_captions)
 
 
 def split_report(captions: input_pipeline.SplitCaptions,
@@ -66,7 +75,7 @@ def split_report(captions: input_pipeline.SplitCaptions,
 def skipped_by_split(builder: tfds.core.DatasetBuilder) -> dict[str, collections.Counter]:
   """Reasons for skipped items, counted per split ('all' for items skipped before splitting)."""
   counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  for item in coco_local.read_skipped(builder):
+  for item in caption_files.read_skipped(builder):
     counts[item.get('split', 'all')][item['reason'].split(' (')[0]] += 1
   return counts
 
@@ -76,7 +85,7 @@ def train_batches(prepared: PreparedData, config: ml_collections.ConfigDict,
   """Numpy training batches of the input pipeline alone (one process's view)."""
   table = input_pipeline.TokenTable.build(prepared.train_captions, prepared.tokenizer,
                                           config.data.max_len)
-  ds = input_pipeline.train_dataset(prepared.builder, config.data.train_split, table, config.data,
+  ds = input_pipeline.train_dataset(prepared.builder, prepared.train_split, table, config.data,
                                     batch_size=batch_size, seed=config.seed)
   return ds.as_numpy_iterator()
 

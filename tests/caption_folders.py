@@ -1,4 +1,7 @@
-"""A tiny COCO 2014 folder in the official layout, with every odd case the builder must handle."""
+"""Caption folders the tests make, with real JPEG files and JSON in the real schemas: a tiny COCO
+2014 folder in the official layout with every odd case the builder must handle, a plain
+COCO-format folder of any size and names, and a Flickr8k-style folder (images plus Karpathy's
+dataset_flickr8k.json)."""
 
 import io
 import json
@@ -14,7 +17,7 @@ EXPECTED_SKIPPED = {
     'listed but missing from disk': 1,
     'no captions': 1,
     'unreadable image': 2,  # Truncated and corrupt.
-    'in dataset_coco.json but in neither captions_train2014.json nor captions_val2014.json': 1,
+    'in dataset_coco.json but in no annotation file': 1,
 }
 
 
@@ -90,3 +93,79 @@ def make_coco_dir(root: str, karpathy: bool = True) -> str:
     with open(os.path.join(root, 'dataset_coco.json'), 'w') as f:
       json.dump({'images': images, 'dataset': 'coco'}, f)
   return root
+
+
+def _write(path: str, data: bytes) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(data)
+
+
+def _scene_caption(rng, k: int) -> tuple[int, str]:
+  """A caption whose words depend on the image's colour, so a few steps can learn something."""
+  colour = ('red', 'green', 'blue')[k % 3]
+  return k % 3, f'a {colour} picture {rng.choice(["of a dog", "of a cat", "of a tree"])}'
+
+
+def _coloured_jpeg(rng, colour_index: int, size=(48, 40)) -> bytes:
+  pixels = rng.integers(0, 60, (*size, 3), dtype=np.uint8)
+  pixels[..., colour_index] += 190
+  return _jpeg(pixels)
+
+
+def make_coco_format_dir(root: str, sizes: dict[str, int]) -> str:
+  """A COCO-format folder with `sizes` = {image folder: number of images}; each folder has
+  `annotations/captions_<folder>.json` (five captions per image) and clean JPEG files."""
+  rng = np.random.default_rng(1)
+  next_image, next_caption = 1, 1
+  for folder, count in sizes.items():
+    images, annotations = [], []
+    for _ in range(count):
+      name = f'{folder}_{next_image:06d}.jpg'
+      colour = next_image % 3
+      _write(os.path.join(root, folder, name), _coloured_jpeg(rng, colour))
+      images.append({'id': next_image, 'file_name': name, 'width': 40, 'height': 48})
+      for _ in range(5):
+        _, text = _scene_caption(rng, colour)
+        annotations.append({'id': next_caption, 'image_id': next_image, 'caption': text})
+        next_caption += 1
+      next_image += 1
+    _write(os.path.join(root, 'annotations', f'captions_{folder}.json'),
+           json.dumps({'images': images, 'annotations': annotations}).encode())
+  return root
+
+
+FLICKR8K_SPLITS = {'train': 14, 'val': 3, 'test': 3}
+
+
+def flickr8k_entries(rng) -> list[dict]:
+  """Image entries in the schema of Karpathy's dataset_flickr8k.json (no cocoid, no filepath)."""
+  entries, sentid = [], 0
+  for split, count in FLICKR8K_SPLITS.items():
+    for _ in range(count):
+      imgid = len(entries)
+      colour = imgid % 3
+      sentences = []
+      for _ in range(5):
+        _, raw = _scene_caption(rng, colour)
+        sentences.append({'tokens': raw.split(), 'raw': raw.capitalize() + ' .', 'imgid': imgid,
+                          'sentid': sentid})
+        sentid += 1
+      entries.append({'sentids': [s['sentid'] for s in sentences], 'imgid': imgid,
+                      'sentences': sentences, 'split': split,
+                      'filename': f'{1000268201 + 7919 * imgid}_{imgid:010x}.jpg'})
+  return entries
+
+
+def make_flickr8k_dir(root: str, json_name: str = 'dataset_flickr8k.json',
+                      image_folder: str = 'Flicker8k_Dataset') -> tuple[str, str]:
+  """(json path, image folder): ROOT/image_folder with one JPEG per entry of flickr8k_entries,
+  and ROOT/json_name listing them (Karpathy's schema)."""
+  rng = np.random.default_rng(2)
+  entries = flickr8k_entries(rng)
+  image_dir = os.path.join(root, image_folder)
+  for entry in entries:
+    _write(os.path.join(image_dir, entry['filename']), _coloured_jpeg(rng, entry['imgid'] % 3))
+  json_path = os.path.join(root, json_name)
+  _write(json_path, json.dumps({'images': entries, 'dataset': 'flickr8k'}).encode())
+  return json_path, image_dir
