@@ -258,7 +258,7 @@ def plan(command: DocCommand, checkout: Checkout) -> Plan:
     argv += extra
     stand_ins += [stand_in] if stand_in else []
     if any('=/data/' in a for a in argv):
-      argv = [a.replace('=/data/', f'={checkout.data}/') for a in argv]
+      argv[:] = [a.replace('=/data/', f'={checkout.data}/') for a in argv]
       stand_ins.append('test folders of the same layout for /data/')
     for i, arg in enumerate(argv):
       if arg.startswith('--coordinator_address='):
