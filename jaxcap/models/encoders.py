@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from jaxcap.models import convolution
 from jaxcap.models import inception_v3
 
 
@@ -27,7 +28,7 @@ class SmallCNN(nn.Module):
   def __call__(self, images, train: bool = False):
     x = images.astype(self.dtype)
     for i, features in enumerate(self.features):
-      x = nn.Conv(features, (3, 3), use_bias=False, dtype=self.dtype, name=f'conv{i}')(x)
+      x = convolution.Conv(features, (3, 3), use_bias=False, dtype=self.dtype, name=f'conv{i}')(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                        dtype=self.dtype, name=f'bn{i}')(x)
       x = nn.relu(x)
