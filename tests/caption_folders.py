@@ -1,11 +1,13 @@
 """Caption folders the tests make, with real JPEG files and JSON in the real schemas: a tiny COCO
 2014 folder in the official layout with every odd case the builder must handle, a plain
 COCO-format folder of any size and names, and a Flickr8k-style folder (images plus Karpathy's
-dataset_flickr8k.json)."""
+dataset_flickr8k.json); and scripts/prepare_data.py, which reports on them."""
 
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -169,3 +171,15 @@ def make_flickr8k_dir(root: str, json_name: str = 'dataset_flickr8k.json',
   json_path = os.path.join(root, json_name)
   _write(json_path, json.dumps({'images': entries, 'dataset': 'flickr8k'}).encode())
   return json_path, image_dir
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_prepare_data(workdir: str, config_name: str, *flags: str) -> subprocess.CompletedProcess:
+  """scripts/prepare_data.py with configs/CONFIG_NAME, a 64-piece vocabulary and `flags`."""
+  return subprocess.run(
+      [sys.executable, os.path.join(_ROOT, 'scripts', 'prepare_data.py'),
+       '--config', os.path.join(_ROOT, 'configs', config_name), '--workdir', workdir,
+       '--config.data.vocab_size=64', *flags],
+      capture_output=True, text=True, timeout=300)

@@ -6,8 +6,6 @@ import copy
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,9 +16,6 @@ from jaxcap.data import caption_files
 from jaxcap.data import input_pipeline
 from jaxcap.data import prepare
 from tests import caption_folders
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _coco_config(tmp_path, root, **files):
   config = coco_config.get_config()
@@ -276,11 +271,8 @@ def test_half_given_karpathy_source_and_missing_flickr_stop_with_how_to(tmp_path
 
 
 def _prepare_data(tmp_path, config_name, *overrides):
-  return subprocess.run(
-      [sys.executable, os.path.join(_ROOT, 'scripts', 'prepare_data.py'),
-       '--config', os.path.join(_ROOT, 'configs', config_name), '--workdir', str(tmp_path / 'w'),
-       f'--config.data.data_dir={tmp_path / "tfds"}', '--config.data.vocab_size=64', *overrides],
-      capture_output=True, text=True, timeout=300)
+  return caption_folders.run_prepare_data(str(tmp_path / 'w'), config_name,
+                                          f'--config.data.data_dir={tmp_path / "tfds"}', *overrides)
 
 
 def test_prepare_data_reports_a_flickr8k_folder_and_stops_cleanly_on_bad_json(tmp_path):

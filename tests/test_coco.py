@@ -2,7 +2,6 @@
 coco_captions under mock data, and the missing-data message. Other folders, bad input and
 training on them: tests/test_caption_files.py."""
 
-import os
 
 import numpy as np
 import pytest
@@ -148,17 +147,11 @@ def test_training_without_data_stops_before_any_work(tmp_path):
 
 
 def test_prepare_data_script_reports_splits_and_skips(coco_builder, tmp_path):
-  import subprocess
-  import sys
   _, config = coco_builder
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run(
-      [sys.executable, os.path.join(root, 'scripts', 'prepare_data.py'),
-       '--config', os.path.join(root, 'configs', 'coco.py'), '--workdir', str(tmp_path),
-       f'--config.data.coco_dir={config.data.coco_dir}', f'--config.data.data_dir={config.data.data_dir}',
-       '--config.data.vocab_size=64', '--config.data.image_size=32', '--config.batch_size=4',
-       '--input_speed_batches=3'],
-      capture_output=True, text=True, timeout=300)
+  result = caption_folders.run_prepare_data(
+      str(tmp_path), 'coco.py', f'--config.data.coco_dir={config.data.coco_dir}',
+      f'--config.data.data_dir={config.data.data_dir}', '--config.data.image_size=32',
+      '--config.batch_size=4', '--input_speed_batches=3')
   assert result.returncode == 0, result.stderr
   out = result.stdout
   assert 'train+restval: 7 images, 34 captions (per image: {3: 1, 5: 5, 6: 1})' in out, out
