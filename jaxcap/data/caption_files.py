@@ -106,6 +106,11 @@ def rule_text(pool_name: str, fraction: float, rest_name: str) -> str:
           f'{rest_name} = the rest')
 
 
+def reason_kind(reason: str) -> str:
+  """A skip reason without its parenthesised detail: what reports count by."""
+  return reason.split(' (')[0]
+
+
 class Skips:
   """The skipped items of a build, each with its reason (and split, once known)."""
 
@@ -204,7 +209,7 @@ class CaptionFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       }
 
   def _reason_counts(self) -> dict[str, int]:
-    return dict(collections.Counter(s['reason'].split(' (')[0] for s in self.skips.items))
+    return dict(collections.Counter(reason_kind(s['reason']) for s in self.skips.items))
 
   def download_and_prepare(self, *args, **kwargs):
     try:

@@ -76,7 +76,7 @@ def skipped_by_split(builder: tfds.core.DatasetBuilder) -> dict[str, collections
   """Reasons for skipped items, counted per split ('all' for items skipped before splitting)."""
   counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
   for item in caption_files.read_skipped(builder):
-    counts[item.get('split', 'all')][item['reason'].split(' (')[0]] += 1
+    counts[item.get('split', 'all')][caption_files.reason_kind(item['reason'])] += 1
   return counts
 
 

@@ -20,14 +20,12 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _is_pointwise(kernel_shape, window_strides, padding, lhs_dilation, rhs_dilation,
-                  feature_group_count) -> bool:
-  """A 1x1 kernel, stride 1, no padding, dilation or groups: a product over channels."""
+def _is_pointwise(kernel_shape, window_strides, padding) -> bool:
+  """A 1x1 kernel, stride 1 and no padding: a product over channels."""
   no_padding = (padding in ('SAME', 'VALID') or
                 (not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding)))
   return (all(k == 1 for k in kernel_shape[:-2]) and all(s == 1 for s in window_strides) and
-          no_padding and feature_group_count == 1 and
-          all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ())))
+          no_padding)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -46,8 +44,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if dimension_numbers != channels_last or lhs.ndim != 4 or feature_group_count != 1 or any(
       d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
     return convolution(lhs, rhs)
-  if _is_pointwise(rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
-                   feature_group_count):
+  if _is_pointwise(rhs.shape, window_strides, padding):
     def as_product(lhs, rhs):
       kernel = rhs.reshape(rhs.shape[-2:])  # (in, out)
       return jnp.einsum('...i,io->...o', lhs, kernel, precision=precision,
