@@ -1,7 +1,9 @@
 """Model shapes: encoders from the registry, decoder, captioner."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxcap.models import captioner
@@ -34,6 +36,16 @@ def test_small_cnn_exposes_spatial_map(config):
   pooled, state = encoder.apply(variables, images, mutable=['intermediates'])
   spatial, = state['intermediates']['spatial_map']
   assert pooled.shape == (2, 16) and spatial.shape == (2, 16, 16, 16)
+
+
+@pytest.mark.parametrize('height,width', [(8, 8), (7, 10)])
+def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(height, width):
+  x = jax.random.normal(jax.random.key(0), (3, height, width, 5))  # No ties.
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(encoders.max_pool_2x2(x), reference(x))
+  weights = jax.random.normal(jax.random.key(1), reference(x).shape)
+  gradient = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)
+  np.testing.assert_allclose(gradient(encoders.max_pool_2x2), gradient(reference), atol=1e-6)
 
 
 def test_unknown_encoder_is_named(config):
