@@ -53,6 +53,14 @@ def _meteor():
 def coco_metrics(references: Mapping[int, Sequence[str]],
                  generated: Mapping[int, str]) -> dict[str, float]:
   """BLEU-1..4, METEOR, ROUGE-L, CIDEr of generated captions against all references."""
+  return score_captions(references, generated)[0]
+
+
+def score_captions(references: Mapping[int, Sequence[str]], generated: Mapping[int, str]
+                   ) -> tuple[dict[str, float], dict[int, float]]:
+  """`coco_metrics`, and each image's CIDEr-D: pycocoevalcap's CIDEr is CIDEr-D (clipped
+  n-gram counts, length penalty), with document frequencies from these references, so the
+  images' scores average to the split's."""
   from pycocoevalcap.bleu.bleu import Bleu
   from pycocoevalcap.cider.cider import Cider
   from pycocoevalcap.rouge.rouge import Rouge
@@ -71,14 +79,17 @@ def coco_metrics(references: Mapping[int, Sequence[str]],
   scores = dict(zip(_METRIC_KEYS[:4], bleu))
   scores['meteor'], _ = _meteor().compute_score(gts, res)
   scores['rouge_l'], _ = Rouge().compute_score(gts, res)
-  scores['cider'], _ = Cider().compute_score(gts, res)
-  return {k: float(v) for k, v in scores.items()}
+  scores['cider'], per_image = Cider().compute_score(gts, res)
+  # Cider walks the images in the order of gts' keys.
+  cider_d = dict(zip(gts, (float(v) for v in per_image)))
+  return {k: float(v) for k, v in scores.items()}, cider_d
 
 
 @dataclasses.dataclass
 class SplitResult:
   metrics: dict[str, float]
   generated: dict[int, str]
+  cider_d: dict[int, float]  # Each image's CIDEr-D.
 
 
 def evaluate_split(
@@ -110,12 +121,13 @@ def evaluate_split(
              'num_images': len(generated),
              'captions_per_sec': len(generated) / max(elapsed, 1e-9)}
   refs = {i: references[i] for i in generated}
-  metrics.update(coco_metrics(refs, generated))
+  scores, cider_d = score_captions(refs, generated)
+  metrics.update(scores)
   if scene_accuracy_fn is not None:
     ids = sorted(generated)
     metrics['scene_accuracy'] = scene_accuracy_fn([generated[i] for i in ids],
                                                   [refs[i] for i in ids])
-  return SplitResult(metrics, generated)
+  return SplitResult(metrics, generated, cider_d)
 
 
 def log_examples(result: SplitResult, references: Mapping[int, Sequence[str]], count: int) -> None:

@@ -62,3 +62,19 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def config(data_dir):
   return tiny_config(data_dir)
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory, data_dir) -> str:
+  """A workdir trained by scripts/train.py on tiny_config (6 steps, one CPU device), for the
+  tests of what reads a trained workdir: gallery, export, caption server."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  base = tmp_path_factory.mktemp('trained')
+  config_file = write_config_file(base / 'tiny_config.py', data_dir, num_train_steps=6,
+                                  eval_every_steps=6)
+  workdir = str(base / 'workdir')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, os.path.join(root, 'scripts', 'train.py'), '--config',
+                  config_file, '--workdir', workdir], check=True, capture_output=True, timeout=600,
+                 cwd=root, env={**os.environ, 'XLA_FLAGS': ''})
+  return workdir

@@ -128,3 +128,11 @@ def test_every_process_runs_the_same_batches_even_with_an_empty_share(config, pr
     assert batches[0]['mask'].dtype == np.int32
     real += int(batches[0]['mask'].sum())
   assert real == 12
+
+
+def test_a_workdir_config_from_before_the_file_fields_still_builds(config):
+  """config.json of a run trained before data.karpathy_json and data.image_dir existed."""
+  del config.data['karpathy_json']
+  del config.data['image_dir']
+  builder = input_pipeline.get_builder(config.data)
+  assert builder.name == 'shapes_captions' and builder.info.splits['test'].num_examples == 12

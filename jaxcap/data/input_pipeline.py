@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from absl import logging
 import ml_collections
@@ -79,12 +79,13 @@ def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
   else downloaded by tfds. With neither a prepared copy nor the network, or files that cannot be
   used, this stops at once with a DataError (DataNotFoundError when nothing was given).
   """
-  if data_config.karpathy_json or data_config.image_dir:
-    if not (data_config.karpathy_json and data_config.image_dir):
+  # .get: the config.json of a workdir trained before these fields existed has neither.
+  karpathy_json, image_dir = data_config.get('karpathy_json'), data_config.get('image_dir')
+  if karpathy_json or image_dir:
+    if not (karpathy_json and image_dir):
       raise DataError('config.data.karpathy_json and config.data.image_dir go together: the '
                       'caption JSON and the folder of its images')
-    builder = karpathy.KarpathyCaptions(json_path=data_config.karpathy_json,
-                                        image_dir=data_config.image_dir,
+    builder = karpathy.KarpathyCaptions(json_path=karpathy_json, image_dir=image_dir,
                                         data_dir=data_config.data_dir)
   elif data_config.name == 'shapes_captions':
     builder = shapes_captions.builder_from_config(data_config.shapes, data_config.data_dir)
@@ -394,6 +395,21 @@ def image_dataset(builder: tfds.core.DatasetBuilder, split: str,
   ds = ds.map(preprocess_image(data_config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(_with_id_and_mask('image'))
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def encoded_images(builder: tfds.core.DatasetBuilder, split: str,
+                   image_ids: Iterable[int]) -> dict[int, bytes]:
+  """The stored (encoded) image of each of `image_ids` in `split`; nothing else is decoded."""
+  wanted = set(image_ids)
+  found: dict[int, bytes] = {}
+  ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  for example in ds.map(keep('image', 'image/id')).as_numpy_iterator():
+    image_id = int(example['image/id'])
+    if image_id in wanted:
+      found[image_id] = example['image']
+      if len(found) == len(wanted):
+        break
+  return found
 
 
 def eval_dataset(builder: tfds.core.DatasetBuilder, split: str, table: TokenTable,

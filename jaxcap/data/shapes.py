@@ -176,17 +176,19 @@ def parse_caption(caption: str) -> Scene:
   return tuple(sorted((n, *obj) for obj, n in counts.items()))
 
 
-def scene_accuracy(generated: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-  """Fraction of images whose generated caption names exactly the objects of the scene.
+def scene_correct(generated: str, references: Sequence[str]) -> bool:
+  """Whether a caption names exactly the objects of its scene, parsed from the first reference
+  (all references of an image name the same objects by construction)."""
+  return parse_caption(generated) == parse_caption(references[0])
 
-  The true scene is parsed from the first reference caption: all references of an image
-  name the same objects by construction.
-  """
+
+def scene_accuracy(generated: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+  """Fraction of images whose generated caption names exactly the objects of the scene."""
   if len(generated) != len(references):
     raise ValueError(f'{len(generated)} generated captions for {len(references)} images')
   if not generated:
     return 0.0
-  hits = [parse_caption(g) == parse_caption(refs[0]) for g, refs in zip(generated, references)]
+  hits = [scene_correct(g, refs) for g, refs in zip(generated, references)]
   return float(np.mean(hits))
 
 

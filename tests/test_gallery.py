@@ -1,0 +1,111 @@
+"""Gallery pages: per-image CIDEr-D, the page's content and escaping, and scripts/evaluate.py
+--gallery opened from disk in a real browser, ordered worst-first by its own control."""
+
+import base64
+import html.parser
+import io
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcap import evaluate
+from jaxcap import gallery
+from tests import browser
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REFERENCES = {1: ['a red circle', 'one red circle'], 2: ['two blue squares', 'a pair of blue squares'],
+              3: ['a small green triangle', 'one little green triangle']}
+
+
+class _Page(html.parser.HTMLParser):
+  """The figures of a gallery page: their data attributes, image sources and caption text."""
+
+  def __init__(self):
+    super().__init__()
+    self.figures, self.sources, self._in_caption = [], [], False
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if tag == 'figure':
+      self.figures.append({'id': int(attrs['data-id']), 'cider': float(attrs['data-cider']),
+                           'caption': ''})
+    elif tag == 'img':
+      self.sources.append(attrs['src'])
+    elif tag == 'div' and attrs.get('class') == 'caption':
+      self._in_caption = True
+
+  def handle_endtag(self, tag):
+    if tag == 'div':
+      self._in_caption = False
+
+  def handle_data(self, data):
+    if self._in_caption:
+      self.figures[-1]['caption'] += data
+
+
+def test_per_image_cider_d_averages_to_the_split_and_follows_the_image_ids():
+  generated = {1: 'a red circle', 2: 'a green triangle', 3: 'one little green triangle'}
+  metrics, cider_d = evaluate.score_captions(REFERENCES, generated)
+  assert set(cider_d) == set(REFERENCES)
+  assert np.mean(list(cider_d.values())) == pytest.approx(metrics['cider'])
+  assert cider_d[2] < min(cider_d[1], cider_d[3])  # The one wrong caption scores lowest.
+  # The same captions under other ids: the scores move with their images.
+  _, swapped = evaluate.score_captions({10 + i: r for i, r in REFERENCES.items()},
+                                       {10 + i: c for i, c in generated.items()})
+  assert [swapped[10 + i] for i in (1, 2, 3)] == pytest.approx([cider_d[i] for i in (1, 2, 3)])
+
+
+def test_page_holds_every_entry_escaped_with_inline_thumbnails():
+  rng = np.random.default_rng(0)
+  images = {i: rng.integers(0, 256, (40 + 100 * i, 300, 3), dtype=np.uint8) for i in (1, 2, 3)}
+  generated = {1: 'a red circle', 2: '<script>alert(1)</script> & co', 3: 'a green triangle'}
+  entries = gallery.entries(generated, {1: 2.5, 2: 0.0, 3: 1.25}, REFERENCES, images,
+                            scene_check=True)
+  page = gallery.render('test split', {'cider': 1.25, 'num_images': 7}, entries, num_images=7)
+  parser = _Page()
+  parser.feed(page)
+  assert [f['id'] for f in parser.figures] == [1, 2, 3]
+  assert [f['cider'] for f in parser.figures] == [2.5, 0.0, 1.25]
+  assert parser.figures[1]['caption'] == generated[2] and '<script>alert' not in page
+  assert 'the first 3 of 7 images' in page and 'scene right' in page and 'scene wrong' in page
+  assert not re.search(r'(src|href)="(?!data:)', page)  # Nothing fetched: opens offline.
+  for source, (_, pixels) in zip(parser.sources, sorted(images.items())):
+    thumbnail = Image.open(io.BytesIO(base64.b64decode(source.split(',', 1)[1])))
+    assert thumbnail.format == 'JPEG' and max(thumbnail.size) == gallery.THUMBNAIL_SIDE
+    assert thumbnail.size[0] / thumbnail.size[1] == pytest.approx(300 / pixels.shape[0], rel=0.05)
+
+
+@pytest.mark.slow
+def test_evaluate_gallery_opens_from_disk_and_orders_worst_first(trained_workdir, tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'scripts/evaluate.py', '--workdir', trained_workdir, '--split', 'val',
+       '--gallery', '--gallery_images', '5'], capture_output=True, text=True, timeout=600,
+      cwd=ROOT, env={**os.environ, 'XLA_FLAGS': ''})
+  assert result.returncode == 0, result.stderr[-3000:]
+  page_path = pathlib.Path(result.stdout.split()[-1])
+  assert page_path.name == 'val_step6_greedy.html' and page_path.parent.name == 'eval'
+  parser = _Page()
+  parser.feed(page_path.read_text())
+  assert len(parser.figures) == 5 and 'the first 5 of 12 images' in page_path.read_text()
+
+  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.support.ui import Select  # pylint: disable=g-import-not-at-top
+  driver = browser.headless_chromium()
+  try:
+    driver.get(page_path.as_uri())
+    shown = lambda: [(int(f.get_attribute('data-id')), float(f.get_attribute('data-cider')))
+                     for f in driver.find_elements(By.CSS_SELECTOR, '#entries figure')]
+    assert [i for i, _ in shown()] == sorted(i for i, _ in shown())
+    Select(driver.find_element(By.ID, 'order')).select_by_value('worst')
+    worst_first = shown()
+    assert sorted(worst_first, key=lambda e: (e[1], e[0])) == worst_first
+    assert all(img.get_attribute('naturalWidth') != '0'
+               for img in driver.find_elements(By.CSS_SELECTOR, 'figure img'))
+  finally:
+    driver.quit()
