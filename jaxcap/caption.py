@@ -7,13 +7,13 @@ from typing import Iterable, Sequence
 
 import ml_collections
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
+import tensorflow as tf
 
 from jaxcap import decode
 from jaxcap import inference
 from jaxcap import parallel
 from jaxcap import train_step as train_step_lib
+from jaxcap.data import caption_files
 from jaxcap.data import input_pipeline
 
 
@@ -39,12 +39,19 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:
-  """Any image file PIL reads (grayscale, PNG, EXIF-rotated, any size) -> model input, as the
-  training pipeline prepares it: centre square crop, resize, [-1, 1]."""
-  with Image.open(path) as image:
-    pixels = np.asarray(ImageOps.exif_transpose(image).convert('RGB'))
-  features = input_pipeline.preprocess_image(image_size)({'image': pixels})
-  return features['image'].numpy()
+  """Any image file PIL reads (grayscale, PNG, EXIF-rotated, any size) -> model input."""
+  with open(path, 'rb') as f:
+    return image_from_bytes(f.read(), image_size)
+
+
+def image_from_bytes(data: bytes, image_size: int) -> np.ndarray:
+  """Encoded image -> model input, as the training data is decoded and prepared: a plain RGB
+  JPEG by TensorFlow, any other image by PIL (EXIF-rotated); then centre square crop, resize,
+  [-1, 1]. Raises OSError or ValueError for bytes that are not a whole image."""
+  image = caption_files.image_from_bytes(data)
+  if isinstance(image, bytes):
+    image = tf.io.decode_image(image, channels=3, expand_animations=False)
+  return input_pipeline.preprocess_image(image_size)({'image': image})['image'].numpy()
 
 
 def caption_paths(trained: inference.Trained, paths: Iterable[str]) -> list[tuple[str, dict]]:

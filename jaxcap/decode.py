@@ -17,9 +17,9 @@ def _forbid_specials(logits: jax.Array) -> jax.Array:
 
 def _token_by_token(apply_fn: Callable[..., Any], variables: Any, embedding: jax.Array,
                     max_len: int, choose: Callable[[jax.Array, jax.Array], jax.Array],
-                    rng: jax.Array) -> jax.Array:
+                    rng: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(B, max_len - 1) ids from (B, D) image embeddings, each step's `choose(logits, key)` fed
-  back; PAD after EOS.
+  back; PAD after EOS. Also (B,) the model's log-probability of each caption (EOS included).
 
   A fixed-length scan: shapes never depend on when captions end, so it compiles once.
   """
@@ -27,31 +27,41 @@ def _token_by_token(apply_fn: Callable[..., Any], variables: Any, embedding: jax
   batch_size = embedding.shape[0]
 
   def step(state, key):
-    carry, tokens, done = state
+    carry, tokens, done, log_prob = state
     carry, logits = apply_fn(variables, carry, tokens, method='decode_step')
-    chosen = choose(_forbid_specials(logits), key).astype(jnp.int32)
+    logits = _forbid_specials(logits)
+    chosen = choose(logits, key).astype(jnp.int32)
     next_tokens = jnp.where(done, PAD_ID, chosen)
+    chosen_log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], -1)[:, 0]
+    log_prob = log_prob + jnp.where(done, 0.0, chosen_log_prob)
     done = done | (next_tokens == EOS_ID)
-    return (carry, next_tokens, done), next_tokens
+    return (carry, next_tokens, done, log_prob), next_tokens
 
-  start = (carry, jnp.full((batch_size,), BOS_ID, jnp.int32), jnp.zeros((batch_size,), bool))
-  _, tokens = jax.lax.scan(step, start, jax.random.split(rng, max_len - 1))
-  return tokens.T
+  start = (carry, jnp.full((batch_size,), BOS_ID, jnp.int32), jnp.zeros((batch_size,), bool),
+           jnp.zeros((batch_size,), jnp.float32))
+  (_, _, _, log_prob), tokens = jax.lax.scan(step, start, jax.random.split(rng, max_len - 1))
+  return tokens.T, log_prob
+
+
+def _argmax(logits: jax.Array, key: jax.Array) -> jax.Array:
+  del key
+  return jnp.argmax(logits, -1)
+
+
+def _sampler(temperature: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  return lambda logits, key: jax.random.categorical(key, logits / temperature)
 
 
 def greedy_from_embedding(apply_fn: Callable[..., Any], variables: Any, embedding: jax.Array,
                           max_len: int) -> jax.Array:
   """Greedy captions of (B, D) image embeddings (cached features, self-critical training)."""
-  return _token_by_token(apply_fn, variables, embedding, max_len,
-                         lambda logits, _: jnp.argmax(logits, -1), jax.random.key(0))
+  return _token_by_token(apply_fn, variables, embedding, max_len, _argmax, jax.random.key(0))[0]
 
 
 def sample_from_embedding(apply_fn: Callable[..., Any], variables: Any, embedding: jax.Array,
                           max_len: int, rng: jax.Array, temperature: float = 1.0) -> jax.Array:
   """Captions of (B, D) image embeddings sampled from softmax(logits / temperature)."""
-  return _token_by_token(
-      apply_fn, variables, embedding, max_len,
-      lambda logits, key: jax.random.categorical(key, logits / temperature), rng)
+  return _token_by_token(apply_fn, variables, embedding, max_len, _sampler(temperature), rng)[0]
 
 
 def greedy_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
@@ -61,8 +71,18 @@ def greedy_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Arra
   return greedy_from_embedding(apply_fn, variables, embedding, max_len)
 
 
+def portable_top_k(operand: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` as a stable sort: the same values and indices (of equal values, the lower index
+  first). lax.top_k lowers to a StableHLO composite that older consumers cannot read (TF
+  2.21's, for a SavedModel); a sort they can."""
+  indices = jnp.argsort(-operand, axis=-1, stable=True)[..., :k].astype(jnp.int32)
+  return jnp.take_along_axis(operand, indices, axis=-1), indices
+
+
 def beam_hypotheses(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
-                    beam_size: int, length_penalty: float = 0.0) -> tuple[jax.Array, jax.Array]:
+                    beam_size: int, length_penalty: float = 0.0,
+                    top_k: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]] = jax.lax.top_k,
+                    ) -> tuple[jax.Array, jax.Array]:
   """Batched beam search with fixed shapes: every final hypothesis, best first: (B, K,
   max_len - 1) ids and (B, K) their log-probabilities.
 
@@ -71,6 +91,7 @@ def beam_hypotheses(apply_fn: Callable[..., Any], variables: Any, images: jax.Ar
   score and its place among the candidates. At step 0 all beams are the same prefix: only the
   first one is live, so no duplicates are kept. At the end hypotheses are ranked by
   log-probability / length ** length_penalty (0: raw log-probability). beam_size 1 is greedy.
+  `top_k` picks the candidates: lax.top_k, or `portable_top_k` for export.
   """
   embedding = apply_fn(variables, images, method='encode')
   batch_size, steps = images.shape[0], max_len - 1
@@ -89,7 +110,7 @@ def beam_hypotheses(apply_fn: Callable[..., Any], variables: Any, images: jax.Ar
     pad_only = jnp.full((vocab_size,), -jnp.inf).at[PAD_ID].set(0.0)
     step_log_probs = jnp.where(finished[..., None], pad_only, step_log_probs)
     candidates = (log_probs[..., None] + step_log_probs).reshape(batch_size, -1)
-    log_probs, index = jax.lax.top_k(candidates, beam_size)
+    log_probs, index = top_k(candidates, beam_size)
     beam, token = index // vocab_size, (index % vocab_size).astype(jnp.int32)
     gather = lambda x: jnp.take_along_axis(x, beam.reshape(beam.shape + (1,) * (x.ndim - 2)), axis=1)
     tokens = gather(tokens).at[:, :, t].set(token)
@@ -106,9 +127,12 @@ def beam_hypotheses(apply_fn: Callable[..., Any], variables: Any, images: jax.Ar
 
 
 def beam_search(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
-                beam_size: int, length_penalty: float = 0.0) -> tuple[jax.Array, jax.Array]:
+                beam_size: int, length_penalty: float = 0.0,
+                top_k: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]] = jax.lax.top_k,
+                ) -> tuple[jax.Array, jax.Array]:
   """The best hypothesis of `beam_hypotheses`: (B, max_len - 1) ids, (B,) log-probabilities."""
-  tokens, log_probs = beam_hypotheses(apply_fn, variables, images, max_len, beam_size, length_penalty)
+  tokens, log_probs = beam_hypotheses(apply_fn, variables, images, max_len, beam_size,
+                                      length_penalty, top_k)
   return tokens[:, 0], log_probs[:, 0]
 
 
@@ -119,16 +143,30 @@ def sample_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Arra
   return sample_from_embedding(apply_fn, variables, embedding, max_len, rng, temperature)
 
 
+def decode_with_log_probs(
+    apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
+    decode_config: Any, rng: jax.Array | None = None,
+    top_k: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]] = jax.lax.top_k,
+) -> tuple[jax.Array, jax.Array]:
+  """Captions by `decode_config.method` ('greedy', 'beam' or 'sample'): (B, max_len - 1) ids
+  and (B,) the model's log-probability of each (for 'sample', at temperature 1). `top_k` is
+  the beam's (`beam_hypotheses`)."""
+  if decode_config.method == 'beam':
+    return beam_search(apply_fn, variables, images, max_len, decode_config.beam_size,
+                       decode_config.length_penalty, top_k)
+  if decode_config.method == 'greedy':
+    choose = _argmax
+  elif decode_config.method == 'sample':
+    choose = _sampler(decode_config.temperature)
+  else:
+    raise ValueError(f"config.decode.method={decode_config.method!r} is not 'greedy', 'beam' or "
+                     "'sample'")
+  embedding = apply_fn(variables, images, method='encode')
+  return _token_by_token(apply_fn, variables, embedding, max_len, choose,
+                         jax.random.key(0) if rng is None else rng)
+
+
 def decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
            decode_config: Any, rng: jax.Array | None = None) -> jax.Array:
   """Captions by `decode_config.method`: 'greedy', 'beam' or 'sample'."""
-  if decode_config.method == 'greedy':
-    return greedy_decode(apply_fn, variables, images, max_len)
-  if decode_config.method == 'beam':
-    return beam_search(apply_fn, variables, images, max_len, decode_config.beam_size,
-                       decode_config.length_penalty)[0]
-  if decode_config.method == 'sample':
-    rng = jax.random.key(0) if rng is None else rng
-    return sample_decode(apply_fn, variables, images, max_len, rng, decode_config.temperature)
-  raise ValueError(f"config.decode.method={decode_config.method!r} is not 'greedy', 'beam' or "
-                   "'sample'")
+  return decode_with_log_probs(apply_fn, variables, images, max_len, decode_config, rng)[0]

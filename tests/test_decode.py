@@ -116,3 +116,29 @@ def test_sampling_at_low_temperature_is_greedy_and_pads_after_eos():
   assert all(end is not None and end < 6 for end in ends)
   for row, end in zip(hot.tolist(), ends):
     assert row[end + 1:] == [PAD_ID] * (len(row) - end - 1)
+
+
+@pytest.mark.parametrize('method', ['greedy', 'sample', 'beam'])
+def test_decode_with_log_probs_scores_each_caption_by_the_definition(method):
+  apply, table = _table_model(4)
+  images = jnp.array([0.0, 1.0]).reshape(2, 1, 1, 1) * jnp.ones((2, 2, 2, 1))
+  config = type('DecodeConfig', (), {'method': method, 'beam_size': 3, 'length_penalty': 0.0,
+                                     'temperature': 1.5})()
+  tokens, log_probs = decode.decode_with_log_probs(apply, None, images, 8, config,
+                                                   jax.random.key(5))
+  np.testing.assert_array_equal(tokens, decode.decode(apply, None, images, 8, config, jax.random.key(5)))
+  for image in range(2):
+    assert log_probs[image] == pytest.approx(_sequence_log_prob(table, image, tokens[image].tolist()),
+                                             abs=1e-4)
+
+
+def test_portable_top_k_equals_lax_top_k_with_ties_and_infinities():
+  rng = np.random.default_rng(0)
+  x = rng.integers(-3, 3, (50, 40)).astype(np.float32)  # Many ties.
+  x[rng.random(x.shape) < 0.3] = -np.inf
+  x[0] = -np.inf
+  for k in (1, 3, 7):
+    values, indices = decode.portable_top_k(jnp.asarray(x), k)
+    expected_values, expected_indices = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(indices, expected_indices)

@@ -83,7 +83,13 @@ def read_image(path: str) -> np.ndarray | bytes:
   """The image as tfds takes it: the file's bytes when it is a plain RGB JPEG, else decoded,
   EXIF-rotated RGB pixels. Raises OSError for missing, truncated or undecodable files."""
   with open(path, 'rb') as f:
-    data = f.read()
+    return image_from_bytes(f.read())
+
+
+def image_from_bytes(data: bytes) -> np.ndarray | bytes:
+  """`read_image` of a file's contents: the bytes of a plain RGB JPEG (TensorFlow decodes
+  those, in training as for captioning), else decoded, EXIF-rotated RGB pixels. Raises OSError
+  (PIL's UnidentifiedImageError among them) for bytes that are not a whole image."""
   with Image.open(io.BytesIO(data)) as image:
     image.load()  # Decodes fully: truncated or corrupt files raise here.
     orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
