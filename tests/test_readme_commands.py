@@ -282,6 +282,12 @@ def plan(command: DocCommand, checkout: Checkout) -> Plan:
       stand_ins.append('random-weight Keras file for the ImageNet one')
   elif program == 'caption.py':
     result.expected_returncode = 1 if 'my_images/' in argv else 0  # readme.txt: see the README.
+  elif program == 'serve.py':
+    result.not_run = 'a server that runs until stopped: tests/test_serve.py starts it on 127.0.0.1'
+  elif program == 'benchmark_serve.py':
+    result.not_run = 'needs the server above: tests/test_serve.py runs it against its server'
+  elif argv[0] == 'curl':
+    result.not_run = "a request to the server above: tests/test_serve.py sends the API's requests"
   result.stand_in = '; '.join(stand_ins)
   return result
 
@@ -363,9 +369,13 @@ def _check_evaluate(p: Plan, result, checkout: Checkout) -> None:
   from jaxcap import evaluate  # pylint: disable=g-import-not-at-top
   from jaxcap import inference  # pylint: disable=g-import-not-at-top
   from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  match = re.search(r'^(\w+) step (\d+) (\w+): .*cider=.* \| (\S+)\.json$', result.stdout, re.M)
+  match = re.search(r'^(\w+) step (\d+) (\w+): .*cider=.* \| (\S+)\.json( \S+\.html)?$', result.stdout,
+                    re.M)
   assert match, result.stdout
-  split, step, method, stem = match.groups()
+  split, step, method, stem, page = match.groups()
+  assert bool(page) == ('--gallery' in p.argv)
+  if page:
+    assert 'CIDEr-D' in (checkout.repo / page.strip()).read_text()
   assert split == p.argv[p.argv.index('--split') + 1]
   assert method == (f'beam{p.argv[p.argv.index("--beam") + 1]}' if '--beam' in p.argv else 'greedy')
   stem = checkout.repo / stem

@@ -1,0 +1,183 @@
+"""scripts/serve.py: the caption page in a real browser, and the JSON API under concurrent
+clients and bad input, against a server process on 127.0.0.1."""
+
+import concurrent.futures
+import contextlib
+import io
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcap import serve
+from tests import browser
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+_MAX_BYTES = 300_000
+_MAX_PIXELS = 1_000_000
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _images(folder: pathlib.Path, count: int) -> list[pathlib.Path]:
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  paths = []
+  for i in range(count):
+    pixels = rng.integers(0, 256, (30 + 3 * i, 40, 3), dtype=np.uint8)
+    path = folder / (f'image{i}.png' if i % 2 else f'image{i}.jpg')
+    Image.fromarray(pixels).save(path)
+    paths.append(path)
+  return paths
+
+
+@pytest.fixture(scope='module')
+def server(trained_workdir):
+  """scripts/serve.py on a free port, default host; yields (base URL, its output so far)."""
+  port = _free_port()
+  process = subprocess.Popen(
+      [sys.executable, 'scripts/serve.py', '--workdir', trained_workdir, '--port', str(port),
+       '--batch_size', '8', '--beam', '3', f'--max_bytes={_MAX_BYTES}', f'--max_pixels={_MAX_PIXELS}'],
+      cwd=ROOT, env={**os.environ, 'XLA_FLAGS': ''}, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  lines = []
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+      line = process.stdout.readline()
+      if not line:
+        break
+      lines.append(line)
+      if 'Running on' in line:
+        break
+    assert any(f'Running on http://127.0.0.1:{port}' in line for line in lines), ''.join(lines)
+    yield f'http://127.0.0.1:{port}', process
+  finally:
+    process.kill()
+    process.wait()
+
+
+def _post(url: str, data: bytes, content_type: str | None) -> tuple[int, dict]:
+  request = urllib.request.Request(url + '/api/caption', data=data, method='POST')
+  if content_type:
+    request.add_header('Content-Type', content_type)
+  try:
+    with urllib.request.urlopen(request, timeout=120) as response:
+      return response.status, json.loads(response.read())
+  except urllib.error.HTTPError as error:
+    return error.code, json.loads(error.read())
+
+
+def _caption_py(workdir: str, paths, *flags: str) -> list[str]:
+  result = subprocess.run([sys.executable, 'scripts/caption.py', '--workdir', workdir, '--json',
+                           *flags, *map(str, paths)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, 'XLA_FLAGS': ''})
+  assert result.returncode == 0, result.stderr[-3000:]
+  return [entry['caption'] for entry in json.loads(result.stdout)]
+
+
+def test_batch_sizes():
+  assert serve.batch_sizes(1) == (1,)
+  assert serve.batch_sizes(8) == (1, 4, 8)
+  assert serve.batch_sizes(64) == (1, 4, 16, 64)
+
+
+def test_concurrent_clients_get_caption_py_captions_in_shared_batches(server, trained_workdir, tmp_path):
+  url, process = server
+  paths = _images(tmp_path / 'images', 12)
+  greedy = dict(zip(paths, _caption_py(trained_workdir, paths)))
+  beam = dict(zip(paths, _caption_py(trained_workdir, paths, '--beam', '3')))
+  jobs = [paths[i % len(paths)] for i in range(48)]
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    answers = list(pool.map(lambda p: _post(url, p.read_bytes(), 'image/png' if p.suffix == '.png'
+                                            else 'image/jpeg'), jobs))
+  for path, (status, answer) in zip(jobs, answers):
+    assert status == 200, answer
+    assert answer['greedy']['caption'] == greedy[path]
+    assert answer['beam'][0]['caption'] == beam[path] and len(answer['beam']) == 3
+    log_probs = [h['log_prob'] for h in answer['beam']]
+    assert log_probs == sorted(log_probs, reverse=True) and answer['greedy']['log_prob'] < 0
+    assert answer['step'] == 6 and answer['seconds'] > 0 and 1 <= answer['batch_size'] <= 8
+  assert max(a['batch_size'] for _, a in answers) > 1  # Concurrent requests were batched.
+  assert process.poll() is None
+
+
+def _png(width: int, height: int) -> bytes:
+  out = io.BytesIO()
+  Image.new('RGB', (width, height), (200, 30, 30)).save(out, format='PNG')
+  return out.getvalue()
+
+
+def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(server, tmp_path):
+  url, process = server
+  good = _images(tmp_path / 'images', 1)[0].read_bytes()
+  noise = np.random.default_rng(1).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+  big_file = io.BytesIO()
+  Image.fromarray(noise).save(big_file, format='PNG')
+  assert len(big_file.getvalue()) > _MAX_BYTES and len(_png(2000, 1000)) < _MAX_BYTES
+  cases = [
+      (b'this is a text file, not an image', 'image/png', 400, r'not an image'),
+      (b'', 'image/jpeg', 400, r'empty body'),
+      (good[:len(good) // 2], 'image/jpeg', 400, r'not a readable image.*truncated'),
+      (big_file.getvalue(), 'image/png', 413, rf'the limit is {_MAX_BYTES}'),
+      (_png(2000, 1000), 'image/png', 413, rf'2000x1000 pixels; the limit is {_MAX_PIXELS}'),
+      (good, 'text/plain', 415, r'Content-Type text/plain is not an image'),
+      (good, 'application/json', 415, r'is not an image'),
+  ]
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    answers = list(pool.map(lambda case: _post(url, case[0], case[1]), cases * 3))
+  for (_, content_type, status, pattern), (got_status, answer) in zip(cases * 3, answers):
+    assert got_status == status and re.search(pattern, answer['error']), (content_type, answer)
+  status, answer = _post(url, good, 'image/jpeg')
+  assert status == 200 and answer['greedy']['caption'] and process.poll() is None
+
+
+def test_page_captions_an_image_chosen_in_a_real_browser(server, tmp_path):
+  url, _ = server
+  path = _images(tmp_path / 'images', 1)[0]
+  _, expected = _post(url, path.read_bytes(), 'image/jpeg')
+  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+  driver = browser.headless_chromium()
+  try:
+    driver.get(url + '/')
+    driver.find_element(By.ID, 'file').send_keys(str(path))
+    WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, 'result').is_displayed())
+    assert driver.find_element(By.ID, 'greedy').text == expected['greedy']['caption'].strip()
+    beam = [item.text for item in driver.find_elements(By.CSS_SELECTOR, '#beam li')]
+    assert len(beam) == 3 and beam[0].startswith(expected['beam'][0]['caption'].strip())
+    assert 'checkpoint step 6' in driver.find_element(By.ID, 'meta').text
+    with contextlib.suppress(Exception):
+      driver.save_screenshot(str(tmp_path / 'caption_page.png'))
+  finally:
+    driver.quit()
+
+
+def test_benchmark_serve_reports_each_client_count(server, tmp_path):
+  url, process = server
+  folder = _images(tmp_path / 'images', 3)[0].parent
+  result = subprocess.run([sys.executable, 'scripts/benchmark_serve.py', '--url', url, '--images',
+                           str(folder), '--clients', '1,4', '--requests_per_client', '2'],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  runs = [json.loads(line) for line in result.stdout.strip().splitlines()]
+  assert [(r['clients'], r['requests']) for r in runs] == [(1, 2), (4, 8)]
+  for run in runs:
+    assert run['captions_per_sec'] > 0 and 1 <= run['mean_batch_size'] <= run['clients']
+    assert 0 < run['latency_ms']['p50'] <= run['latency_ms']['p90'] <= run['latency_ms']['p99']
+  assert process.poll() is None
