@@ -142,3 +142,12 @@ def restore(workdir: str, step: int | None = None) -> Trained:
   if on_features:
     state = with_trained_decoder(full_state, state).replace(step=state.step)
   return Trained(config, tokenizer, state, mesh)
+
+
+def restore_or_exit(workdir: str, step: int | None = None) -> Trained:
+  """`restore` for scripts: a folder that is not a trained workdir, or a step it does not
+  hold, ends the program with the message (exit code 1) instead of a traceback."""
+  try:
+    return restore(workdir, step)
+  except (FileNotFoundError, ValueError) as error:
+    raise SystemExit(str(error)) from None

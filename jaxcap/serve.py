@@ -14,6 +14,7 @@ Bad input gets a 4xx JSON {"error": ...} naming the problem; the server keeps se
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import io
@@ -22,6 +23,7 @@ import logging
 import os
 import time
 from typing import Any
+import urllib.request
 
 from aiohttp import web
 import jax
@@ -152,7 +154,8 @@ class Batcher:
       except Exception as error:  # pylint: disable=broad-except
         logging.exception('captioning a batch of %d failed', len(images))
         for _, future in waiting:
-          future.set_exception(error)
+          if not future.cancelled():  # A client that left cancels its request's future.
+            future.set_exception(error)
         continue
       for (_, future), result in zip(waiting, results):
         if not future.cancelled():
@@ -205,10 +208,10 @@ def make_app(captioner: Captioner, limits: Limits = Limits()) -> web.Application
   return app
 
 
-def serve(workdir: str, *, host: str = '127.0.0.1', port: int = 8080, max_batch: int | None = None,
-          beam_size: int | None = None, limits: Limits = Limits(), step: int | None = None) -> None:
-  """Restores `workdir`, compiles, and serves until interrupted."""
-  trained = inference.restore(workdir, step)
+def serve(trained: inference.Trained, workdir: str, *, host: str = '127.0.0.1', port: int = 8080,
+          max_batch: int | None = None, beam_size: int | None = None,
+          limits: Limits = Limits()) -> None:
+  """Compiles the model restored from `workdir` and serves it until interrupted."""
   config = trained.config
   max_batch = max_batch or config.eval.batch_size
   start = time.perf_counter()
@@ -222,9 +225,6 @@ def serve(workdir: str, *, host: str = '127.0.0.1', port: int = 8080, max_batch:
 def load_test(url: str, images: list[bytes], clients: int, requests_per_client: int) -> dict:
   """`clients` threads each POST `requests_per_client` images (in turn from `images`) to
   URL/api/caption, one after another: captions/s over the whole run and latency percentiles."""
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
-  import urllib.request  # pylint: disable=g-import-not-at-top
-
   def client(index: int) -> list[tuple[float, int]]:
     timings = []
     for i in range(requests_per_client):

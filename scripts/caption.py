@@ -33,10 +33,7 @@ def main(argv):
   if not paths:
     raise app.UsageError('Give image files or folders to caption.')
   std_logging.getLogger().setLevel(std_logging.WARNING)
-  try:
-    trained = inference.restore(FLAGS.workdir, FLAGS.step)
-  except (FileNotFoundError, ValueError) as error:  # Not a trained workdir, or no such step.
-    raise SystemExit(str(error)) from None
+  trained = inference.restore_or_exit(FLAGS.workdir, FLAGS.step)
   caption.set_decoding(trained.config, beam=FLAGS.beam, temperature=FLAGS.temperature)
   results = caption.caption_paths(trained, caption.expand_paths(paths))
   if FLAGS.json:

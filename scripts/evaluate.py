@@ -40,10 +40,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   std_logging.getLogger().setLevel(std_logging.WARNING)
-  try:
-    trained = inference.restore(FLAGS.workdir, FLAGS.step)
-  except (FileNotFoundError, ValueError) as error:  # Not a trained workdir, or no such step.
-    raise SystemExit(str(error)) from None
+  trained = inference.restore_or_exit(FLAGS.workdir, FLAGS.step)
   config = trained.config
   caption.set_decoding(config, beam=FLAGS.beam)
   if FLAGS.length_penalty is not None:

@@ -35,10 +35,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   std_logging.getLogger().setLevel(std_logging.WARNING)
-  try:
-    trained = inference.restore(FLAGS.workdir, FLAGS.step)
-  except (FileNotFoundError, ValueError) as error:  # Not a trained workdir, or no such step.
-    raise SystemExit(str(error)) from None
+  trained = inference.restore_or_exit(FLAGS.workdir, FLAGS.step)
   if FLAGS.greedy:
     trained.config.decode.method = 'greedy'
   caption.set_decoding(trained.config, beam=FLAGS.beam)

@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from jaxcap import inference  # pylint: disable=g-import-not-at-top
 from jaxcap import serve  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -33,12 +34,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   std_logging.getLogger().setLevel(std_logging.WARNING)
-  try:
-    serve.serve(FLAGS.workdir, host=FLAGS.host, port=FLAGS.port, max_batch=FLAGS.batch_size,
-                beam_size=FLAGS.beam, step=FLAGS.step,
-                limits=serve.Limits(FLAGS.max_bytes, FLAGS.max_pixels))
-  except (FileNotFoundError, ValueError) as error:  # Not a trained workdir, or no such step.
-    raise SystemExit(str(error)) from None
+  trained = inference.restore_or_exit(FLAGS.workdir, FLAGS.step)
+  serve.serve(trained, FLAGS.workdir, host=FLAGS.host, port=FLAGS.port,
+              max_batch=FLAGS.batch_size, beam_size=FLAGS.beam,
+              limits=serve.Limits(FLAGS.max_bytes, FLAGS.max_pixels))
 
 
 if __name__ == '__main__':
