@@ -1,4 +1,4 @@
-"""The README demo: trains a captioner from scratch on a 2-core CPU (7-15 minutes: README).
+"""The README demo: trains a captioner from scratch on a 2-core CPU (7-11 minutes: README).
 
   python scripts/train.py --config configs/demo.py --workdir workdirs/demo
 
