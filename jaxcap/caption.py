@@ -7,7 +7,6 @@ from typing import Iterable, Sequence
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from jaxcap import decode
 from jaxcap import inference
@@ -50,7 +49,7 @@ def image_from_bytes(data: bytes, image_size: int) -> np.ndarray:
   [-1, 1]. Raises OSError or ValueError for bytes that are not a whole image."""
   image = caption_files.image_from_bytes(data)
   if isinstance(image, bytes):
-    image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    return input_pipeline.decode_and_preprocess(image, image_size).numpy()
   return input_pipeline.preprocess_image(image_size)({'image': image})['image'].numpy()
 
 

@@ -54,13 +54,6 @@ def detokenize(tokens: tf.Tensor, pieces: tf.Tensor) -> tf.Tensor:
   return tf.strings.regex_replace(texts, '^ +', '')
 
 
-def decode_image_bytes(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Encoded JPEG/PNG bytes -> the model input, as evaluation prepares it."""
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  image.set_shape((None, None, 3))
-  return input_pipeline.preprocess_image(image_size)({'image': image})['image']
-
-
 class CaptionModule(tf.Module):
   """What the SavedModel holds: the variables, the piece table and the serving function."""
 
@@ -86,9 +79,9 @@ class CaptionModule(tf.Module):
 
   @tf.function(input_signature=[tf.TensorSpec((None,), tf.string, name='images')], autograph=False)
   def serve(self, images):
-    pixels = tf.map_fn(lambda encoded: decode_image_bytes(encoded, self.image_size), images,
-                       fn_output_signature=tf.TensorSpec(
-                           (self.image_size, self.image_size, 3), tf.float32))
+    pixels = tf.map_fn(
+        lambda encoded: input_pipeline.decode_and_preprocess(encoded, self.image_size), images,
+        fn_output_signature=tf.TensorSpec((self.image_size, self.image_size, 3), tf.float32))
     count = tf.shape(images)[0]
     padded = -count % self.batch_size
     chunks = tf.reshape(tf.pad(pixels, [[0, padded], [0, 0], [0, 0], [0, 0]]),

@@ -244,6 +244,14 @@ def preprocess_image(image_size: int):
   return fn
 
 
+def decode_and_preprocess(encoded: tf.Tensor | bytes, image_size: int) -> tf.Tensor:
+  """Encoded image bytes (JPEG, PNG, ...) -> the model input, decoded by TensorFlow as the
+  dataset's images are, then `preprocess_image`. For caption.py, the server and the SavedModel."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape((None, None, 3))
+  return preprocess_image(image_size)({'image': image})['image']
+
+
 def augment_image(image_size: int, seed: int, min_fraction: float):
   """Random square crop and flip per (image, position in the stream), resize, scale."""
   def fn(index, features):
