@@ -4,8 +4,10 @@ XLA's CPU backend runs convolutions through its convolution emitter well below t
 matrix product of the same size: a third to a half for 1x1 kernels, and a fifth to a half for
 InceptionV3's stem and its stride-2 reductions (docs/benchmarks.md, "Convolutions on CPU"). So on
 CPU a 1x1, stride-1 convolution is a dot over the channel axis, and any other is a product of
-patches (the kh*kw shifted slices side by side, then one dot), two images at a time in a loop so
-the patches stay in cache. GPUs and TPUs keep the convolution, which their libraries already run
+patches (the kh*kw shifted slices side by side, then one dot), a few images at a time in a loop so
+the patches stay in cache. Its gradient is written by hand: the kernel's as patches^T @ output
+gradient in the same chunks, the input's as XLA's own transposed convolution, which runs well on
+CPU where the kernel's gradient through XLA's convolution (or autodiff of the loop) does not. GPUs and TPUs keep the convolution, which their libraries already run
 as a product. `lax.platform_dependent` picks the branch when the function is lowered for its
 device, so one jitted function serves both.
 """
@@ -16,6 +18,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -56,31 +59,102 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   return lax.platform_dependent(lhs, rhs, cpu=as_patches_product, default=convolution)
 
 
-# Images per patches product: 1, 2, 4, 8 and 16 of 32 were timed; 2 was fastest overall.
-_IMAGES_PER_CHUNK = 2
+# Bytes of patches per product: the images of a chunk are as many as keep their patches within
+# about this much (L2-sized), at least one. Chunks of 1-16 images were timed (docs/benchmarks.md).
+_PATCHES_BYTES_PER_CHUNK = 2 << 20
+
+
+def _chunks(n: int, patches_bytes_per_image: int) -> tuple[int, int]:
+  """(chunks, images per chunk) for a batch of `n`: as many images per chunk as keep their
+  patches within `_PATCHES_BYTES_PER_CHUNK` (at least one), dividing `n`."""
+  fit = max(1, _PATCHES_BYTES_PER_CHUNK // max(1, patches_bytes_per_image))
+  per_chunk = max(d for d in range(1, min(n, fit) + 1) if n % d == 0)
+  return n // per_chunk, per_chunk
+
+
+def _patches(x, kh, kw, strides, oh, ow):
+  """(n, oh, ow, kh*kw*c): the kh*kw shifted (strided) windows of `x`, side by side."""
+  return jnp.concatenate([
+      x[:, i:i + strides[0] * (oh - 1) + 1:strides[0], j:j + strides[1] * (ow - 1) + 1:strides[1]]
+      for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _output_size(x_shape, kernel_shape, strides):
+  return tuple((x_shape[1 + d] - kernel_shape[d]) // strides[d] + 1 for d in range(2))
+
+
+def _valid_product(x, kernel, strides, precision):
+  """A VALID convolution of padded `x` as patches @ kernel, chunk by chunk of images."""
+  kh, kw, cin, cout = kernel.shape
+  n, h, w, _ = x.shape
+  oh, ow = _output_size(x.shape, kernel.shape, strides)
+  flat_kernel = kernel.reshape(kh * kw * cin, cout)
+
+  def chunk(x):
+    return jnp.einsum('nhwk,ko->nhwo', _patches(x, kh, kw, strides, oh, ow), flat_kernel,
+                      precision=precision)
+
+  num_chunks, per_chunk = _chunks(n, oh * ow * kh * kw * cin * x.dtype.itemsize)
+  if num_chunks == 1:
+    return chunk(x)
+  out = lax.map(chunk, x.reshape(num_chunks, per_chunk, h, w, cin))
+  return out.reshape(n, oh, ow, cout)
+
+
+def _kernel_gradient(x, output_gradient, kernel_shape, strides, precision):
+  """d loss / d kernel = patches^T @ output gradient, summed chunk by chunk of images."""
+  kh, kw, cin, cout = kernel_shape
+  n, h, w, _ = x.shape
+  _, oh, ow, _ = output_gradient.shape
+  num_chunks, per_chunk = _chunks(n, oh * ow * kh * kw * cin * x.dtype.itemsize)
+
+  def add_chunk(total, chunk):
+    x, dy = chunk
+    return total + jnp.einsum('nhwk,nhwo->ko', _patches(x, kh, kw, strides, oh, ow), dy,
+                              precision=precision, preferred_element_type=jnp.float32), None
+  chunks = (x.reshape(num_chunks, per_chunk, h, w, cin),
+            output_gradient.reshape(num_chunks, per_chunk, oh, ow, cout))
+  total, _ = lax.scan(add_chunk, jnp.zeros((kh * kw * cin, cout), jnp.float32), chunks)
+  return total.reshape(kernel_shape).astype(x.dtype)
+
+
+def _input_gradient(output_gradient, kernel, x, strides, precision):
+  """d loss / d x: the transpose of the VALID convolution, which XLA's CPU convolution runs as
+  fast as a product here (unlike the kernel's gradient)."""
+  def convolution(x):
+    return lax.conv_general_dilated(x, kernel, strides, 'VALID', precision=precision,
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  transpose = jax.linear_transpose(convolution, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  return transpose(output_gradient)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _valid_convolution(x, kernel, strides, precision):
+  return _valid_product(x, kernel, strides, precision)
+
+
+def _valid_convolution_forward(x, kernel, strides, precision):
+  return _valid_product(x, kernel, strides, precision), (x, kernel)
+
+
+def _valid_convolution_backward(strides, precision, residuals, output_gradient):
+  # Written by hand: autodiff of the chunked product keeps every chunk's patches for the
+  # backward pass and sums their gradients slice by slice (2-4x slower on CPU).
+  x, kernel = residuals
+  return (_input_gradient(output_gradient, kernel, x, strides, precision),
+          _kernel_gradient(x, output_gradient, kernel.shape, strides, precision))
+
+
+_valid_convolution.defvjp(_valid_convolution_forward, _valid_convolution_backward)
 
 
 def _patches_product(lhs, rhs, strides, padding, precision):
-  """The convolution as patches @ kernel, per chunk of images (one chunk of 1 for odd batches)."""
-  kh, kw, cin, cout = rhs.shape
-  n, h, w, _ = lhs.shape
-  pads = lax.padtype_to_pads((h, w), (kh, kw), strides, padding) if isinstance(padding, str) else padding
+  """The convolution as patches @ kernel, per chunk of images, with its own gradient."""
+  kh, kw = rhs.shape[:2]
+  pads = (lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), strides, padding)
+          if isinstance(padding, str) else padding)
   lhs = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-  h, w = lhs.shape[1:3]
-  oh, ow = (h - kh) // strides[0] + 1, (w - kw) // strides[1] + 1
-  kernel = rhs.reshape(kh * kw * cin, cout)
-
-  def chunk(x):
-    cols = jnp.concatenate([
-        x[:, i:i + strides[0] * (oh - 1) + 1:strides[0], j:j + strides[1] * (ow - 1) + 1:strides[1]]
-        for i in range(kh) for j in range(kw)], axis=-1)
-    return jnp.einsum('nhwk,ko->nhwo', cols, kernel, precision=precision)
-
-  per_chunk = _IMAGES_PER_CHUNK if n % _IMAGES_PER_CHUNK == 0 else 1
-  if n <= per_chunk:
-    return chunk(lhs)
-  out = lax.map(chunk, lhs.reshape(n // per_chunk, per_chunk, h, w, cin))
-  return out.reshape(n, oh, ow, cout)
+  return _valid_convolution(lhs, rhs, tuple(strides), precision)
 
 
 # nn.Conv with the formulation above: the same parameters ('kernel', HWIO), names and init.
