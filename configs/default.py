@@ -90,7 +90,14 @@ def get_config() -> ml_collections.ConfigDict:
   model.encoder_weights = ml_collections.config_dict.placeholder(str)
   # Batch-norm moving-average momentum; short runs need a low value to track the weights.
   model.bn_momentum = 0.9
-  model.small_cnn = ml_collections.ConfigDict({'features': (32, 64, 128, 256)})
+  model.small_cnn = ml_collections.ConfigDict({
+      # Output channels of each conv -> batch norm -> ReLU block (a 2x2 max pool between blocks).
+      'features': (32, 64, 128, 256),
+      # True pools each block's conv output before batch norm and ReLU (faster on CPU).
+      'pool_before_norm': False,
+      # True: the first conv has stride 2 and downsamples instead of the first block's pool.
+      'strided_first_conv': False,
+  })
   model.image_bottleneck = 120
   model.embed_dim = 100
   model.lstm_size = 300

@@ -47,6 +47,7 @@ class NonFiniteLossError(FloatingPointError):
 # intervals, learning rate, compute dtype, unrolling, dropout, ...) may change.
 _RESUME_LOCKED_FIELDS = frozenset({
     'model.encoder', 'model.encoder_weights', 'model.train_encoder', 'model.small_cnn.features',
+    'model.small_cnn.pool_before_norm', 'model.small_cnn.strided_first_conv',
     'model.image_bottleneck', 'model.embed_dim', 'model.lstm_size', 'model.logit_bottleneck',
     'data.name', 'data.vocab_size', 'data.tokenizer_type', 'data.coco_dir', 'data.karpathy_json',
     'optimizer.name', 'features.enabled', 'scst.enabled', 'scst.init_from'})

@@ -38,6 +38,46 @@ def test_small_cnn_exposes_spatial_map(config):
   assert pooled.shape == (2, 16) and spatial.shape == (2, 16, 16, 16)
 
 
+@pytest.mark.parametrize('pool_before_norm,strided_first_conv', [
+    (False, False), (True, False), (True, True), (False, True)])
+def test_small_cnn_blocks_in_their_order(config, pool_before_norm, strided_first_conv):
+  # The reference: conv -> BN -> ReLU -> pool or conv -> pool -> BN -> ReLU from lax and Flax's
+  # max pool, in training (batch statistics: with a positive scale the two orders differ only
+  # there, since a max commutes with an increasing function); a strided first conv, no first pool.
+  config.model.small_cnn.pool_before_norm = pool_before_norm
+  config.model.small_cnn.strided_first_conv = strided_first_conv
+  encoder = encoders.create_encoder(config.model)
+  images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  variables = encoder.init(jax.random.key(1), images)
+  params = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape),
+                        variables['params'])  # Scales and biases other than 1 and 0.
+
+  def reference(x):
+    features = config.model.small_cnn.features
+    for i, _ in enumerate(features):
+      strided = i == 0 and strided_first_conv
+      pool = i < len(features) - 1 and not strided
+      x = jax.lax.conv_general_dilated(x, params[f'conv{i}']['kernel'], (2, 2) if strided else (1, 1),
+                                       'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      if pool and pool_before_norm:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+      x = (x - mean) / jnp.sqrt(var + 1e-5) * params[f'bn{i}']['scale'] + params[f'bn{i}']['bias']
+      x = jnp.maximum(x, 0)
+      if pool and not pool_before_norm:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return x.mean(axis=(1, 2))
+  ours, _ = encoder.apply({**variables, 'params': params}, images, train=True,
+                          mutable=['batch_stats'])
+  np.testing.assert_allclose(ours, reference(images), rtol=1e-4, atol=1e-4)
+
+
+def test_small_cnn_of_a_run_saved_before_its_block_options(config):
+  del config.model.small_cnn['pool_before_norm'], config.model.small_cnn['strided_first_conv']
+  encoder = encoders.create_encoder(config.model)
+  assert not encoder.pool_before_norm and not encoder.strided_first_conv
+
+
 @pytest.mark.parametrize('height,width', [(8, 8), (7, 10)])
 def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(height, width):
   x = jax.random.normal(jax.random.key(0), (3, height, width, 5))  # No ties.

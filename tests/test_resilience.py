@@ -81,14 +81,18 @@ def test_resume_rejects_locked_changes_and_allows_others(config, tmp_path):
 
 
 def test_fields_added_since_a_run_are_compatible_at_their_off_values(config, tmp_path):
-  # A workdir written before model.dropout and config.scst existed.
+  # A workdir written before model.dropout, config.scst and small_cnn's block options existed.
   old = json.loads(config.to_json_best_effort())
   del old['model']['dropout'], old['scst']
+  del old['model']['small_cnn']['pool_before_norm'], old['model']['small_cnn']['strided_first_conv']
   (tmp_path / 'config.json').write_text(json.dumps(old))
   train.check_resume_config(str(tmp_path), config)  # dropout 0, scst off: as it was trained.
-  config.scst.enabled = True
-  with pytest.raises(ValueError, match=r'scst.enabled \(scst.enabled: None -> True\)'):
-    train.check_resume_config(str(tmp_path), config)
+  for field in ('scst.enabled', 'model.small_cnn.pool_before_norm',
+                'model.small_cnn.strided_first_conv'):
+    changed = config.copy_and_resolve_references()
+    changed.update_from_flattened_dict({field: True})
+    with pytest.raises(ValueError, match=rf'{field} \({field}: None -> True\)'):
+      train.check_resume_config(str(tmp_path), changed)
 
 
 def test_compute_only_fields_may_change_on_resume(config, tmp_path):

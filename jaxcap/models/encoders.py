@@ -30,20 +30,31 @@ class SmallCNN(nn.Module):
   """Blocks of 3x3 conv -> batch norm -> ReLU -> 2x2 max pool, then global average pool.
 
   For the CPU demo and fast tests: a few hundred steps teach it colour, shape, size and count.
+  `pool_before_norm` orders a block conv -> pool -> batch norm -> ReLU instead: batch norm and
+  ReLU then see a quarter of the values, which on CPU is most of a block's time after the conv.
+  `strided_first_conv` makes the first conv (stride 2) downsample in place of the first block's
+  pool: a quarter of the first block's work, the costliest on CPU at full resolution.
   """
   features: Sequence[int] = (32, 64, 128, 256)
   bn_momentum: float = 0.9
+  pool_before_norm: bool = False
+  strided_first_conv: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     x = images.astype(self.dtype)
     for i, features in enumerate(self.features):
-      x = convolution.Conv(features, (3, 3), use_bias=False, dtype=self.dtype, name=f'conv{i}')(x)
+      strides = (2, 2) if i == 0 and self.strided_first_conv else (1, 1)
+      pool = i < len(self.features) - 1 and strides == (1, 1)
+      x = convolution.Conv(features, (3, 3), strides, use_bias=False, dtype=self.dtype,
+                           name=f'conv{i}')(x)
+      if pool and self.pool_before_norm:
+        x = max_pool_2x2(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                        dtype=self.dtype, name=f'bn{i}')(x)
       x = nn.relu(x)
-      if i < len(self.features) - 1:
+      if pool and not self.pool_before_norm:
         x = max_pool_2x2(x)
     self.sow('intermediates', 'spatial_map', x)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -61,8 +72,10 @@ class ZeroEncoder(nn.Module):
 
 
 def _small_cnn(config: ml_collections.ConfigDict, dtype) -> nn.Module:
+  # .get: a run saved before these fields existed was trained without them.
   return SmallCNN(features=tuple(config.small_cnn.features), bn_momentum=config.bn_momentum,
-                  dtype=dtype)
+                  pool_before_norm=config.small_cnn.get('pool_before_norm', False),
+                  strided_first_conv=config.small_cnn.get('strided_first_conv', False), dtype=dtype)
 
 
 def _inception_v3(config: ml_collections.ConfigDict, dtype) -> nn.Module:
