@@ -55,3 +55,7 @@ def test_a_product_on_cpu_and_a_convolution_elsewhere(kernel):
   cpu, gpu = (_lowered(module, variables, x, p) for p in ('cpu', 'cuda'))
   assert 'stablehlo.dot_general' in cpu and 'stablehlo.convolution' not in cpu
   assert 'stablehlo.convolution' in gpu and 'stablehlo.dot_general' not in gpu
+  # Training on a GPU: its gradients are convolutions too, none of the CPU's products.
+  gradients = jax.jit(jax.grad(lambda v, x: jnp.sum(module.apply(v, x) ** 2), argnums=(0, 1)))
+  gpu_gradients = export.export(gradients, platforms=['cuda'])(variables, x).mlir_module()
+  assert 'stablehlo.convolution' in gpu_gradients and 'stablehlo.dot_general' not in gpu_gradients

@@ -7,9 +7,10 @@ CPU a 1x1, stride-1 convolution is a dot over the channel axis, and any other is
 patches (the kh*kw shifted slices side by side, then one dot), a few images at a time in a loop so
 the patches stay in cache. Its gradient is written by hand: the kernel's as patches^T @ output
 gradient in the same chunks, the input's as XLA's own transposed convolution, which runs well on
-CPU where the kernel's gradient through XLA's convolution (or autodiff of the loop) does not. GPUs and TPUs keep the convolution, which their libraries already run
-as a product. `lax.platform_dependent` picks the branch when the function is lowered for its
-device, so one jitted function serves both.
+CPU where the kernel's gradient through XLA's convolution (or autodiff of the loop) does not.
+GPUs and TPUs keep the convolution, which their libraries already run as a product.
+`lax.platform_dependent` picks the branch when the function is lowered for its device, so one
+jitted function serves both.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _valid_product(x, kernel, strides, precision):
 
 
 def _kernel_gradient(x, output_gradient, kernel_shape, strides, precision):
-  """d loss / d kernel = patches^T @ output gradient, summed chunk by chunk of images."""
+  """d loss / d kernel = patches^T @ output gradient, summed in float32 chunk by chunk."""
   kh, kw, cin, cout = kernel_shape
   n, h, w, _ = x.shape
   _, oh, ow, _ = output_gradient.shape
@@ -115,7 +116,7 @@ def _kernel_gradient(x, output_gradient, kernel_shape, strides, precision):
   chunks = (x.reshape(num_chunks, per_chunk, h, w, cin),
             output_gradient.reshape(num_chunks, per_chunk, oh, ow, cout))
   total, _ = lax.scan(add_chunk, jnp.zeros((kh * kw * cin, cout), jnp.float32), chunks)
-  return total.reshape(kernel_shape).astype(x.dtype)
+  return total.reshape(kernel_shape)  # float32: the caller casts to the kernel's dtype.
 
 
 def _input_gradient(output_gradient, kernel, x, strides, precision):
@@ -141,8 +142,9 @@ def _valid_convolution_backward(strides, precision, residuals, output_gradient):
   # Written by hand: autodiff of the chunked product keeps every chunk's patches for the
   # backward pass and sums their gradients slice by slice (2-4x slower on CPU).
   x, kernel = residuals
+  kernel_gradient = _kernel_gradient(x, output_gradient, kernel.shape, strides, precision)
   return (_input_gradient(output_gradient, kernel, x, strides, precision),
-          _kernel_gradient(x, output_gradient, kernel.shape, strides, precision))
+          kernel_gradient.astype(kernel.dtype))
 
 
 _valid_convolution.defvjp(_valid_convolution_forward, _valid_convolution_backward)
