@@ -57,8 +57,9 @@ def test_small_cnn_blocks_in_their_order(config, pool_before_norm, strided_first
     for i, _ in enumerate(features):
       strided = i == 0 and strided_first_conv
       pool = i < len(features) - 1 and not strided
-      x = jax.lax.conv_general_dilated(x, params[f'conv{i}']['kernel'], (2, 2) if strided else (1, 1),
-                                       'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      strides = (2, 2) if strided else (1, 1)
+      x = jax.lax.conv_general_dilated(x, params[f'conv{i}']['kernel'], strides, 'SAME',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
       if pool and pool_before_norm:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))

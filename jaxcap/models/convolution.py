@@ -73,6 +73,12 @@ def _chunks(n: int, patches_bytes_per_image: int) -> tuple[int, int]:
   return n // per_chunk, per_chunk
 
 
+def _patch_chunks(x, kernel_shape, oh, ow) -> tuple[int, int]:
+  """`_chunks` for the (oh, ow) patches of the images in `x` under a kernel of `kernel_shape`."""
+  kh, kw, cin, _ = kernel_shape
+  return _chunks(x.shape[0], oh * ow * kh * kw * cin * x.dtype.itemsize)
+
+
 def _patches(x, kh, kw, strides, oh, ow):
   """(n, oh, ow, kh*kw*c): the kh*kw shifted (strided) windows of `x`, side by side."""
   return jnp.concatenate([
@@ -95,7 +101,7 @@ def _valid_product(x, kernel, strides, precision):
     return jnp.einsum('nhwk,ko->nhwo', _patches(x, kh, kw, strides, oh, ow), flat_kernel,
                       precision=precision)
 
-  num_chunks, per_chunk = _chunks(n, oh * ow * kh * kw * cin * x.dtype.itemsize)
+  num_chunks, per_chunk = _patch_chunks(x, kernel.shape, oh, ow)
   if num_chunks == 1:
     return chunk(x)
   out = lax.map(chunk, x.reshape(num_chunks, per_chunk, h, w, cin))
@@ -107,7 +113,7 @@ def _kernel_gradient(x, output_gradient, kernel_shape, strides, precision):
   kh, kw, cin, cout = kernel_shape
   n, h, w, _ = x.shape
   _, oh, ow, _ = output_gradient.shape
-  num_chunks, per_chunk = _chunks(n, oh * ow * kh * kw * cin * x.dtype.itemsize)
+  num_chunks, per_chunk = _patch_chunks(x, kernel_shape, oh, ow)
 
   def add_chunk(total, chunk):
     x, dy = chunk
