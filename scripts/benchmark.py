@@ -39,6 +39,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from jaxcap import command_line  # pylint: disable=g-import-not-at-top
 from jaxcap import decode  # pylint: disable=g-import-not-at-top
+from jaxcap import host_memory  # pylint: disable=g-import-not-at-top
 from jaxcap import inference  # pylint: disable=g-import-not-at-top
 from jaxcap import parallel  # pylint: disable=g-import-not-at-top
 from jaxcap import resident  # pylint: disable=g-import-not-at-top
@@ -344,6 +345,7 @@ def pipeline_workload(config, batch_size: int) -> Workload:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory.keep_freed_memory()
   config = FLAGS.config
   if FLAGS.max_len:
     config.data.max_len = FLAGS.max_len

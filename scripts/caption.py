@@ -17,6 +17,7 @@ from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from jaxcap import caption  # pylint: disable=g-import-not-at-top
+from jaxcap import host_memory  # pylint: disable=g-import-not-at-top
 from jaxcap import inference  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -29,6 +30,7 @@ flags.DEFINE_bool('json', False, 'Print one JSON list of {"path", "caption"|"err
 
 
 def main(argv):
+  host_memory.keep_freed_memory()
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Give image files or folders to caption.')

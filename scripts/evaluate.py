@@ -22,6 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from jaxcap import caption  # pylint: disable=g-import-not-at-top
 from jaxcap import evaluate  # pylint: disable=g-import-not-at-top
 from jaxcap import gallery  # pylint: disable=g-import-not-at-top
+from jaxcap import host_memory  # pylint: disable=g-import-not-at-top
 from jaxcap import inference  # pylint: disable=g-import-not-at-top
 from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
@@ -39,6 +40,7 @@ flags.DEFINE_integer('gallery_images', 500, 'Images on the gallery page (the fir
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory.keep_freed_memory()
   std_logging.getLogger().setLevel(std_logging.WARNING)
   trained = inference.restore_or_exit(FLAGS.workdir, FLAGS.step)
   config = trained.config

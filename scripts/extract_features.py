@@ -15,6 +15,7 @@ from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
 from jaxcap import command_line  # pylint: disable=g-import-not-at-top
+from jaxcap import host_memory  # pylint: disable=g-import-not-at-top
 from jaxcap import parallel  # pylint: disable=g-import-not-at-top
 from jaxcap.data import feature_cache  # pylint: disable=g-import-not-at-top
 from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -30,6 +31,7 @@ flags.DEFINE_list('splits', None, 'Splits to encode (default: the training split
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory.keep_freed_memory()
   parallel.initialize_distributed()
   config = FLAGS.config
   try:

@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from jaxcap import host_memory  # pylint: disable=g-import-not-at-top
 from jaxcap import inference  # pylint: disable=g-import-not-at-top
 from jaxcap import serve  # pylint: disable=g-import-not-at-top
 
@@ -33,6 +34,7 @@ flags.DEFINE_integer('max_pixels', serve.Limits.max_pixels, 'Largest width x hei
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory.keep_freed_memory()
   std_logging.getLogger().setLevel(std_logging.WARNING)
   trained = inference.restore_or_exit(FLAGS.workdir, FLAGS.step)
   serve.serve(trained, FLAGS.workdir, host=FLAGS.host, port=FLAGS.port,

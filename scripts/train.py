@@ -18,6 +18,7 @@ from absl import logging
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
 from jaxcap import checkpoint  # pylint: disable=g-import-not-at-top
 from jaxcap import command_line  # pylint: disable=g-import-not-at-top
+from jaxcap import host_memory  # pylint: disable=g-import-not-at-top
 from jaxcap import parallel  # pylint: disable=g-import-not-at-top
 from jaxcap import train  # pylint: disable=g-import-not-at-top
 from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -49,6 +50,7 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory.keep_freed_memory()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:

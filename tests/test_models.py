@@ -119,3 +119,30 @@ def test_inception_v3_shapes():
   assert state['intermediates']['spatial_map'][0].shape == (1, 1, 1, 2048)
   assert state['intermediates']['mixed0'][0].shape == (1, 7, 7, 256)
   assert sum(x.size for x in jax.tree.leaves(variables['params'])) == 21_768_352  # As Keras: trainable params.
+
+
+@pytest.mark.parametrize('height,width', [(1, 1), (2, 3), (5, 4), (35, 35)])
+def test_inception_pools_equal_flax_pools_in_value_and_gradient(height, width):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, height, width, 3)), jnp.float32)
+  average = lambda x: nn.avg_pool(x, (3, 3), strides=(1, 1), padding='SAME',
+                                  count_include_pad=False)
+  np.testing.assert_allclose(inception_v3.average_pool_3x3(x), average(x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(jnp.sin(inception_v3.average_pool_3x3(x))))(x),
+                             jax.grad(lambda x: jnp.sum(jnp.sin(average(x))))(x), rtol=1e-5, atol=1e-6)
+  if min(height, width) >= 3:
+    maximum = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+    np.testing.assert_array_equal(inception_v3.max_pool_3x3_stride_2(x), maximum(x))
+    np.testing.assert_array_equal(
+        jax.grad(lambda x: jnp.sum(jnp.sin(inception_v3.max_pool_3x3_stride_2(x))))(x),
+        jax.grad(lambda x: jnp.sum(jnp.sin(maximum(x))))(x))
+
+
+def test_inception_pool_branch_pools_after_its_convolution():
+  # Keras pools, then convolves; ConvBN(average_pooled=True) convolves, then pools: the same.
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 7, 5)), jnp.float32)
+  block = inception_v3.ConvBN(4, (1, 1), average_pooled=True)
+  variables = block.init(jax.random.key(0), x, train=False)
+  plain = inception_v3.ConvBN(4, (1, 1))
+  expected = plain.apply(variables, nn.avg_pool(x, (3, 3), strides=(1, 1), padding='SAME',
+                                                count_include_pad=False), train=False)
+  np.testing.assert_allclose(block.apply(variables, x, train=False), expected, rtol=1e-5, atol=1e-6)

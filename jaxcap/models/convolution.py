@@ -3,9 +3,10 @@
 XLA's CPU backend runs convolutions through its convolution emitter well below the speed of a
 matrix product of the same size: a third to a half for 1x1 kernels, and a fifth to a half for
 InceptionV3's stem and its stride-2 reductions (docs/benchmarks.md, "Convolutions on CPU"). So on
-CPU a 1x1, stride-1 convolution is a dot over the channel axis, and any other is a product of
-patches (the kh*kw shifted slices side by side, then one dot), a few images at a time in a loop so
-the patches stay in cache. Its gradient is written by hand: the kernel's as patches^T @ output
+CPU a 1x1, stride-1 convolution is a dot over the channel axis; other stride-1 convolutions up
+to 7 taps per axis use Winograd's minimal filtering (`winograd.py`: 1.5-2.5x fewer products);
+the rest (strided ones) are a product of patches (the kh*kw shifted slices side by side, then one
+dot), a few images at a time in a loop so the patches stay in cache. Its gradient is written by hand: the kernel's as patches^T @ output
 gradient in the same chunks, the input's as XLA's own transposed convolution, which runs well on
 CPU where the kernel's gradient through XLA's convolution (or autodiff of the loop) does not.
 GPUs and TPUs keep the convolution, which their libraries already run as a product.
@@ -22,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxcap.models import winograd
 
 
 def _is_pointwise(kernel_shape, window_strides, padding) -> bool:
@@ -91,7 +94,10 @@ def _output_size(x_shape, kernel_shape, strides):
 
 
 def _valid_product(x, kernel, strides, precision):
-  """A VALID convolution of padded `x` as patches @ kernel, chunk by chunk of images."""
+  """A VALID convolution of padded `x`: Winograd tiles where they apply, else patches @ kernel,
+  chunk by chunk of images."""
+  if winograd.supports(kernel.shape[:2], strides):
+    return winograd.valid_convolution(x, kernel, precision)
   kh, kw, cin, cout = kernel.shape
   n, h, w, _ = x.shape
   oh, ow = _output_size(x.shape, kernel.shape, strides)
