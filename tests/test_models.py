@@ -126,15 +126,14 @@ def test_inception_pools_equal_flax_pools_in_value_and_gradient(height, width):
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, height, width, 3)), jnp.float32)
   average = lambda x: nn.avg_pool(x, (3, 3), strides=(1, 1), padding='SAME',
                                   count_include_pad=False)
+  gradient = lambda pool: jax.grad(lambda x: jnp.sum(jnp.sin(pool(x))))(x)
   np.testing.assert_allclose(inception_v3.average_pool_3x3(x), average(x), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(jnp.sin(inception_v3.average_pool_3x3(x))))(x),
-                             jax.grad(lambda x: jnp.sum(jnp.sin(average(x))))(x), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gradient(inception_v3.average_pool_3x3), gradient(average),
+                             rtol=1e-5, atol=1e-6)
   if min(height, width) >= 3:
     maximum = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
     np.testing.assert_array_equal(inception_v3.max_pool_3x3_stride_2(x), maximum(x))
-    np.testing.assert_array_equal(
-        jax.grad(lambda x: jnp.sum(jnp.sin(inception_v3.max_pool_3x3_stride_2(x))))(x),
-        jax.grad(lambda x: jnp.sum(jnp.sin(maximum(x))))(x))
+    np.testing.assert_array_equal(gradient(inception_v3.max_pool_3x3_stride_2), gradient(maximum))
 
 
 def test_inception_pool_branch_pools_after_its_convolution():
@@ -145,4 +144,5 @@ def test_inception_pool_branch_pools_after_its_convolution():
   plain = inception_v3.ConvBN(4, (1, 1))
   expected = plain.apply(variables, nn.avg_pool(x, (3, 3), strides=(1, 1), padding='SAME',
                                                 count_include_pad=False), train=False)
-  np.testing.assert_allclose(block.apply(variables, x, train=False), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(block.apply(variables, x, train=False), expected,
+                             rtol=1e-5, atol=1e-6)

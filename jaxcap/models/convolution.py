@@ -3,12 +3,13 @@
 XLA's CPU backend runs convolutions through its convolution emitter well below the speed of a
 matrix product of the same size: a third to a half for 1x1 kernels, and a fifth to a half for
 InceptionV3's stem and its stride-2 reductions (docs/benchmarks.md, "Convolutions on CPU"). So on
-CPU a 1x1, stride-1 convolution is a dot over the channel axis; other stride-1 convolutions up
-to 7 taps per axis use Winograd's minimal filtering (`winograd.py`: 1.5-2.5x fewer products);
-the rest (strided ones) are a product of patches (the kh*kw shifted slices side by side, then one
-dot), a few images at a time in a loop so the patches stay in cache. Its gradient is written by hand: the kernel's as patches^T @ output
-gradient in the same chunks, the input's as XLA's own transposed convolution, which runs well on
-CPU where the kernel's gradient through XLA's convolution (or autodiff of the loop) does not.
+CPU a 1x1, stride-1 convolution is a dot over the channel axis; other stride-1 convolutions of
+up to 7 taps per axis use Winograd's minimal filtering (`winograd.py`: 1.75-2.8x fewer
+products); the rest (the strided ones) are a product of patches (the kh*kw shifted slices side
+by side, then one dot), a few images at a time in a loop so the patches stay in cache. The
+gradient of both is written by hand: the kernel's as patches^T @ output gradient in the same
+chunks, the input's as XLA's own transposed convolution, which runs well on CPU where the
+kernel's gradient through XLA's convolution (or autodiff of the loop) does not.
 GPUs and TPUs keep the convolution, which their libraries already run as a product.
 `lax.platform_dependent` picks the branch when the function is lowered for its device, so one
 jitted function serves both.

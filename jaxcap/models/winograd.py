@@ -129,7 +129,8 @@ def valid_convolution(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Ar
   at_w, g_w, bt_w = transforms(mw, kw)
   # (nh, nw, cin, cout): G_h K G_w^T per channel pair, in float32 whatever the kernel's dtype.
   u = jnp.einsum('ai,bj,ijco->abco', g_h, g_w, kernel.astype(jnp.float32)).astype(x.dtype)
-  v = _transform_input(_transform_input(x, 1, mh, th, bt_h), 3, mw, tw, bt_w)  # (nw, nh, n, th, tw, c)
+  # (nw, nh, n, th, tw, cin): the tiles' inputs transformed along the height, then the width.
+  v = _transform_input(_transform_input(x, 1, mh, th, bt_h), 3, mw, tw, bt_w)
   nh, nw = bt_h.shape[0], bt_w.shape[0]
   products = jnp.einsum('bapc,abco->bapo', v.reshape(nw, nh, n * th * tw, cin), u,
                         precision=precision).reshape(nw, nh, n, th, tw, cout)
