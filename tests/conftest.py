@@ -78,3 +78,16 @@ def trained_workdir(tmp_path_factory, data_dir) -> str:
                   config_file, '--workdir', workdir], check=True, capture_output=True, timeout=600,
                  cwd=root, env={**os.environ, 'XLA_FLAGS': ''})
   return workdir
+
+
+# A test's report for the end of the run (`record_property(SUMMARY_PROPERTY, text)`): pytest
+# shows nothing a passing test prints, and under xdist nothing any test prints.
+SUMMARY_PROPERTY = 'summary'
+
+
+def pytest_terminal_summary(terminalreporter):
+  for report in terminalreporter.stats.get('passed', []) + terminalreporter.stats.get('failed', []):
+    for name, text in getattr(report, 'user_properties', ()):
+      if name == SUMMARY_PROPERTY and report.when == 'call':
+        terminalreporter.write_sep('-', report.nodeid)
+        terminalreporter.write_line(text)

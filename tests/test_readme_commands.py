@@ -48,6 +48,7 @@ import pytest
 from PIL import Image
 
 from tests import caption_folders
+from tests.conftest import SUMMARY_PROPERTY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCUMENTS = ('README.md', 'docs/benchmarks.md')
@@ -452,7 +453,7 @@ def _is_benchmark(p: Plan) -> bool:
                               or p.argv[1].startswith('../shared/peers/'))
 
 
-def test_readme_and_benchmark_commands_run(checkout, capsys):
+def test_readme_and_benchmark_commands_run(checkout, record_property):
   commands = [c for path in DOCUMENTS for c in read_commands(path)]
   texts = [c.text for c in commands]
   # The quick start: command 2 is .ci/run's; command 1 installs the same package, test extra aside.
@@ -469,12 +470,14 @@ def test_readme_and_benchmark_commands_run(checkout, capsys):
       plans.append(plan(command, checkout))
   assert len(plans) >= 25, [p.command.text for p in plans]
 
-  with capsys.disabled():
-    print(f'\n{len(plans)} distinct commands from {", ".join(DOCUMENTS)} (workflow and benchmarks '
-          'side by side; seconds are wall time):', flush=True)
-    report = lambda text: print(text, flush=True)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      workflow = pool.submit(_run_in_order, [p for p in plans if not _is_benchmark(p)], checkout, report)
-      benchmarks = pool.submit(_run_in_order, [p for p in plans if _is_benchmark(p)], checkout, report)
-      failures = workflow.result() + benchmarks.result()
+  # The report is printed at the end of the run by tests/conftest.py (pytest_terminal_summary).
+  lines = [f'{len(plans)} distinct commands from {", ".join(DOCUMENTS)} (workflow and benchmarks '
+           'side by side; seconds are wall time):']
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    workflow = pool.submit(_run_in_order, [p for p in plans if not _is_benchmark(p)], checkout,
+                           lines.append)
+    benchmarks = pool.submit(_run_in_order, [p for p in plans if _is_benchmark(p)], checkout,
+                             lines.append)
+    failures = workflow.result() + benchmarks.result()
+  record_property(SUMMARY_PROPERTY, '\n'.join(lines))
   assert not failures, '\n\n'.join(failures)
