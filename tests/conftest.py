@@ -86,6 +86,7 @@ SUMMARY_PROPERTY = 'summary'
 
 
 def pytest_terminal_summary(terminalreporter):
+  """Prints each SUMMARY_PROPERTY that a test recorded, after its node id."""
   for report in terminalreporter.stats.get('passed', []) + terminalreporter.stats.get('failed', []):
     for name, text in getattr(report, 'user_properties', ()):
       if name == SUMMARY_PROPERTY and report.when == 'call':
