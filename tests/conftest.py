@@ -1,26 +1,10 @@
 """Shared fixtures: a tiny built-in dataset and a tiny model config, on 8 forced CPU devices."""
 
 import os
-import shutil
-import tempfile
 
 # Before JAX initialises: 8 CPU devices so sharded code runs as on a multi-device host.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-# One persistent compilation cache for the whole run: the many scripts the tests start (and the
-# xdist workers, which inherit this process's environment) compile the same programs again and
-# again. A new folder each run, so every run also compiles from scratch once. Every program is
-# kept, however fast it compiled (the tests' tiny programs compile in under JAX's default 1 s:
-# tests/test_resilience.py and test_train.py took 114 s without the cache, 97 s with that
-# default and 80 s with 0). The size limit turns on JAX's eviction, the only mode in which its
-# cache takes a file lock around reads and writes (jax/_src/lru_cache.py): the workers and
-# their subprocesses share the folder.
-_JAX_CACHE_CREATED_HERE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
-if _JAX_CACHE_CREATED_HERE:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxcap-tests-jax-cache-')
-  os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 << 30))
-  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 # Offline, for this process and every process a test starts: IP connections only to this
 # machine (tests/offline/sitecustomize.py, found on PYTHONPATH by each new interpreter).
@@ -108,10 +92,3 @@ def pytest_terminal_summary(terminalreporter):
       if name == SUMMARY_PROPERTY and report.when == 'call':
         terminalreporter.write_sep('-', report.nodeid)
         terminalreporter.write_line(text)
-
-
-def pytest_unconfigure(config):
-  """Removes the run's compilation cache, in the process that made it (not in xdist workers)."""
-  del config
-  if _JAX_CACHE_CREATED_HERE:
-    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)

@@ -229,9 +229,9 @@ def _config_overrides(argv: list[str], checkout: Checkout) -> tuple[list[str], s
 def plan(command: DocCommand, checkout: Checkout) -> Plan:
   # One CPU device, as a user's machine has (conftest forces 8 for this process).
   env = {**os.environ, 'HOME': str(checkout.home), 'TF_CPP_MIN_LOG_LEVEL': '2', 'XLA_FLAGS': '',
-         # Identical programs of different commands compile once: the run's compilation cache
-         # (JAX_COMPILATION_CACHE_DIR, set by tests/conftest.py) stays in the environment.
-         'PATH': f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'}
+         'PATH': f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
+         # Identical programs of different commands compile once.
+         'JAX_COMPILATION_CACHE_DIR': str(checkout.home / 'jax_cache')}
   env.pop('KERAS_HOME', None)
   segments = [s.strip() for s in command.text.split('&&')]
   if '-m pytest' in command.text:
