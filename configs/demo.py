@@ -29,10 +29,10 @@ def get_config():
 
   # Half the default widths: 4.6 steps/s instead of 2.3 on a 2-core CPU.
   config.model.small_cnn.features = (16, 32, 64, 128)
-  # The first conv strided, batch norm and ReLU after each pool: with the convolution's own
-  # gradient, the step went from 3.0 to 4.7-5.5 steps/s on a 2-core Zen 3 (docs/benchmarks.md,
-  # "The demo on CPU") and test scene_accuracy from 0.754 to 0.860 at 1,900 steps, so the demo
-  # trains 1,500.
+  # The first conv strided, batch norm and ReLU after each pool: the step went from 3.0 to
+  # 4.7-5.5 steps/s on a 2-core Zen 3 (docs/benchmarks.md, "The demo on CPU") and test
+  # scene_accuracy from 0.754 to 0.860 at 1,900 steps, so the demo trains 1,500 (1,200 reached
+  # only 0.752 on a Xeon).
   config.model.small_cnn.pool_before_norm = True
   config.model.small_cnn.strided_first_conv = True
 

@@ -87,11 +87,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+# jaxlib 0.10.2 hands the CPU's convolutions to YNNPACK by default, which ran InceptionV3's at
+# half the speed of XLA's own (Eigen) convolution and the demo's train step 1.6x slower on an
+# AVX-512 Xeon (docs/benchmarks.md, "Issue 15 on a Xeon"). Fusing only matrix products into
+# YNNPACK leaves convolutions to XLA and keeps YNNPACK's products, which are the faster ones, and
+# its reductions (batch norm's statistics in training: +31% on InceptionV3's fine-tuning step).
+_CPU_COMPILER_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+  """XLA options for programs with convolutions compiled for `backend` (default: JAX's default
+  backend): the CPU's above, none elsewhere (GPUs and TPUs run convolutions in their libraries)."""
+  return dict(_CPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == 'cpu' else {}
+
+
 def jit_data_parallel(fn: Callable, mesh: Mesh, *, donate_state: bool = False) -> Callable:
   """`fn(state, batch)` jitted data-parallel: the state replicated, the batch split along 'data'
   over every device, the outputs replicated (so every process receives all of them)."""
   return jax.jit(fn, in_shardings=(replicated(mesh), data_sharding(mesh)),
-                 out_shardings=replicated(mesh), donate_argnums=0 if donate_state else ())
+                 out_shardings=replicated(mesh), donate_argnums=0 if donate_state else (),
+                 compiler_options=compiler_options(mesh.devices.flat[0].platform))
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = 'batch_size') -> int:

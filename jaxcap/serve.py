@@ -33,6 +33,7 @@ from PIL import Image
 from jaxcap import caption
 from jaxcap import decode
 from jaxcap import inference
+from jaxcap import parallel
 
 _PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve_page.html')
 # Content types taken as image bytes; anything else is refused with 415.
@@ -77,7 +78,7 @@ class Captioner:
     greedy = config.decode.copy_and_resolve_references()
     greedy.method = 'greedy'
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=parallel.compiler_options(device.platform))
     def captions(variables, images):
       greedy_ids, greedy_log_probs = decode.decode_with_log_probs(
           apply_fn, variables, images, max_len, greedy)

@@ -107,9 +107,8 @@ def time_calls(calls, steps: int, warmup: int) -> float:
 
 def flops_of(fn, args) -> float:
   """FLOPs of one call from XLA's cost analysis of the program lowered for a GPU, whatever the
-  device: convolutions stay convolutions there (jaxcap.models.convolution writes them as products
-  in loops on CPU, which the analysis would count once), so FLOPs and MFU do not depend on the
-  formulation. Lowered, not compiled: compiled GPU convolutions are library calls it cannot see."""
+  device, so that a step counts the same on every machine. Lowered, not compiled: compiled GPU
+  convolutions are library calls the analysis cannot see."""
   analysis = fn.trace(*args).lower(lowering_platforms=('cuda',)).cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}

@@ -3,6 +3,7 @@
 Keras (TensorFlow) is used here only as the reference; jaxcap's model code does not import it.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -15,7 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcap import parallel
 from jaxcap.models import inception_v3
+
+# As jaxcap's own programs compile it (on CPU: XLA's convolutions, not YNNPACK's).
+_jit = functools.partial(jax.jit, compiler_options=parallel.compiler_options())
 
 keras = pytest.importorskip('keras')
 
@@ -77,7 +82,7 @@ def _keras_outputs(model, images):
 def test_notop_matches_keras_at_299_and_at_150x200(keras_model, weight_files, fmt):
   variables = inception_v3.load_keras_weights(weight_files[fmt], include_top=False)
   model = inception_v3.InceptionV3()
-  apply = jax.jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))
+  apply = _jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))
   reference = keras_notop_model(keras_model)
   rng = np.random.default_rng(1)
   for shape in ((299, 299), (150, 200)):
@@ -98,7 +103,7 @@ def test_top_logits_match_keras(keras_model, weight_files):
   variables = inception_v3.load_keras_weights(weight_files['legacy_top'], include_top=True)
   model = inception_v3.InceptionV3(include_top=True)
   images = np.random.default_rng(2).uniform(-1, 1, (2, 299, 299, 3)).astype(np.float32)
-  logits = jax.jit(model.apply)(variables, images)
+  logits = _jit(model.apply)(variables, images)
   probe = keras.Model(keras_model.inputs, keras_model.get_layer('predictions').output)
   probe.get_layer('predictions').activation = keras.activations.linear  # Logits, not softmax.
   expected = np.asarray(probe(images, training=False))
@@ -139,8 +144,8 @@ def test_keras2_layer_names_and_order(weight_files, tmp_path):
 def test_bfloat16_compute_stays_close(weight_files):
   variables = inception_v3.load_keras_weights(weight_files['keras3'])
   images = np.random.default_rng(3).uniform(-1, 1, (2, 299, 299, 3)).astype(np.float32)
-  reference = jax.jit(inception_v3.InceptionV3().apply)(variables, images)
-  bf16 = jax.jit(inception_v3.InceptionV3(dtype=jnp.bfloat16).apply)(variables, images)
+  reference = _jit(inception_v3.InceptionV3().apply)(variables, images)
+  bf16 = _jit(inception_v3.InceptionV3(dtype=jnp.bfloat16).apply)(variables, images)
   error = _rel_error(bf16, reference)
   print(f"bfloat16 compute vs float32: relative error {error:.2e}")
   assert bf16.dtype == jnp.float32 and error < 5e-2

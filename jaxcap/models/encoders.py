@@ -11,7 +11,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from jaxcap.models import convolution
 from jaxcap.models import inception_v3
 
 
@@ -47,8 +46,8 @@ class SmallCNN(nn.Module):
     for i, features in enumerate(self.features):
       strides = (2, 2) if i == 0 and self.strided_first_conv else (1, 1)
       pool = i < len(self.features) - 1 and strides == (1, 1)
-      x = convolution.Conv(features, (3, 3), strides, use_bias=False, dtype=self.dtype,
-                           name=f'conv{i}')(x)
+      x = nn.Conv(features, (3, 3), strides, use_bias=False, dtype=self.dtype,
+                  name=f'conv{i}')(x)
       if pool and self.pool_before_norm:
         x = max_pool_2x2(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,

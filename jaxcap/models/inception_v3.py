@@ -21,8 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxcap.models import convolution
-
 _BN_EPSILON = 1e-3
 # Keras' InceptionV3 has 94 conv2d_bn blocks (a Conv2D and a BatchNormalization each).
 NUM_CONV_BN = 94
@@ -47,8 +45,8 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = convolution.Conv(self.features, self.kernel_size, self.strides, padding=self.padding,
-                         use_bias=False, dtype=self.dtype, name='conv')(x)
+    x = nn.Conv(self.features, self.kernel_size, self.strides, padding=self.padding,
+                use_bias=False, dtype=self.dtype, name='conv')(x)
     if self.average_pooled:
       x = average_pool_3x3(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
