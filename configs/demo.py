@@ -1,4 +1,4 @@
-"""The README demo: trains a captioner from scratch on a 2-core CPU (4.3-6 minutes on Zen 3: README).
+"""The README demo: trains a captioner from scratch on a 2-core CPU (4.3-6 min on Zen 3: README).
 
   python scripts/train.py --config configs/demo.py --workdir workdirs/demo
 
