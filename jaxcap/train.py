@@ -252,7 +252,7 @@ def _every(interval: int, last_step: int) -> set[int]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
   """Trains to `config.num_train_steps` and returns the final metrics of each eval split."""
-  evaluate.check_java()
+  evaluate.ensure_java()
   encoder_weights = captioner.load_encoder_weights(config.model)  # Fails before any work.
   os.makedirs(workdir, exist_ok=True)
   checkpoint_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIRNAME)
