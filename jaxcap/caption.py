@@ -54,12 +54,14 @@ def image_from_bytes(data: bytes, image_size: int) -> np.ndarray:
 
 
 def caption_paths(trained: inference.Trained, paths: Iterable[str]) -> list[tuple[str, dict]]:
-  """(path, {'caption': text} or {'error': message}) for each path, in order."""
+  """(path, {'caption': text, 'log_prob': the model's log-probability of it} or
+  {'error': message}) for each path, in order."""
   config, mesh = trained.config, trained.mesh
   decode_key = train_step_lib.named_key(config.seed, 'decode')
   decode_fn = parallel.jit_data_parallel(
-      lambda state, images: decode.decode(state.apply_fn, state.variables, images,
-                                          config.data.max_len, config.decode, decode_key), mesh)
+      lambda state, images: decode.decode_with_log_probs(
+          state.apply_fn, state.variables, images, config.data.max_len, config.decode, decode_key),
+      mesh)
   results: dict[str, dict] = {}
   loaded: list[tuple[str, np.ndarray]] = []
   paths = list(paths)
@@ -75,7 +77,8 @@ def caption_paths(trained: inference.Trained, paths: Iterable[str]) -> list[tupl
     images = np.stack([image for _, image in chunk])
     padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
     padded[:len(chunk)] = images
-    tokens = decode_fn(trained.state, parallel.shard_batch({'image': padded}, mesh)['image'])
-    for (path, _), text in zip(chunk, trained.tokenizer.decode(np.asarray(tokens)[:len(chunk)])):
-      results[path] = {'caption': text}
+    tokens, log_probs = decode_fn(trained.state, parallel.shard_batch({'image': padded}, mesh)['image'])
+    texts = trained.tokenizer.decode(np.asarray(tokens)[:len(chunk)])
+    for (path, _), text, log_prob in zip(chunk, texts, np.asarray(log_probs)[:len(chunk)].tolist()):
+      results[path] = {'caption': text, 'log_prob': log_prob}
   return [(path, results[path]) for path in paths]

@@ -26,7 +26,8 @@ flags.mark_flag_as_required('workdir')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
 flags.DEFINE_integer('beam', None, 'Beam size (default: the config\'s decoding method).')
 flags.DEFINE_float('temperature', None, 'Sample with this temperature instead.')
-flags.DEFINE_bool('json', False, 'Print one JSON list of {"path", "caption"|"error"}.')
+flags.DEFINE_bool('json', False, 'Print one JSON list of {"path", "caption" and "log_prob" (the '
+                  'model\'s log-probability of the caption) | "error"}.')
 
 
 def main(argv):

@@ -44,6 +44,7 @@ def _skips(builder):
 
 
 def _files_under(folder):
+  """Every file under `folder`, however deep (tfds's empty download folders aside)."""
   return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files]
 
 
@@ -209,7 +210,6 @@ def test_a_karpathy_json_out_of_schema_stops_and_builds_nothing(tmp_path, conten
   with pytest.raises(caption_files.DataError) as error:
     input_pipeline.get_builder(config.data)
   assert str(error.value).startswith(json_path) and message in str(error.value), error.value
-  assert not os.path.exists(os.path.join(config.data.data_dir, 'karpathy_captions'))
   assert _files_under(config.data.data_dir) == []
 
 
@@ -229,7 +229,7 @@ def test_coco_annotations_out_of_schema_stop_and_build_nothing(tmp_path, mutate,
   with pytest.raises(caption_files.DataError) as error:
     input_pipeline.get_builder(config.data)
   assert str(error.value).startswith(path) and message in str(error.value), error.value
-  assert not os.path.exists(os.path.join(config.data.data_dir, 'coco_captions_local'))
+  assert _files_under(config.data.data_dir) == []
 
 
 def test_coco_image_listed_twice_keeps_the_first(tmp_path):
@@ -253,7 +253,7 @@ def test_a_split_whose_images_are_all_unreadable_stops_and_builds_nothing(tmp_pa
   with pytest.raises(caption_files.DataError, match=r"every image of split 'val' was skipped "
                      r"\(\{'unreadable image': 1\}\); nothing was written"):
     input_pipeline.get_builder(config.data)
-  assert not os.path.exists(os.path.join(config.data.data_dir, 'coco_captions_local'))
+  assert _files_under(config.data.data_dir) == []
 
 
 def test_half_given_karpathy_source_and_missing_flickr_stop_with_how_to(tmp_path):

@@ -50,10 +50,19 @@ def _configs_training_differently():
   return sorted(firsts.values())
 
 
+def _changed(before, after) -> dict[str, list[bool]]:
+  """Per top-level module (encoder, decoder): whether each of its arrays changed."""
+  return {name: [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]),
+                                                           jax.tree.leaves(after[name]))]
+          for name in before}
+
+
 @pytest.mark.parametrize('name', _configs_training_differently())
-def test_every_config_builds_its_model_and_trains_a_step(name):
-  """Its own model and optimizer, on tiny inputs: one step of what the config trains (images,
-  cached embeddings, or self-critical samples). Configs whose step is another's are covered by it."""
+def test_every_config_builds_its_model_and_trains_its_parameters(name):
+  """Its own model and optimizer, on tiny inputs: two steps of what the config trains (images,
+  cached embeddings, or self-critical samples; the schedule's first step may have a learning
+  rate of 0) move every trained array and no frozen one. Configs whose step is another's are
+  covered by it."""
   config = importlib.import_module(f'configs.{name}').get_config()
   config.model.encoder_weights = None  # Converted weights cannot exist here.
   config.data.image_size = 75 if config.model.encoder == 'inception_v3' else 32
@@ -61,29 +70,44 @@ def test_every_config_builds_its_model_and_trains_a_step(name):
   config.data.max_len = config.scst.max_len = max_len
   model = captioner.create_model(config.model, vocab)
   key = jax.random.key(0)
-  tokens = np.array([[BOS_ID, 5, 6, 7, EOS_ID, PAD_ID, PAD_ID, PAD_ID]] * batch_size, np.int32)
-  images = np.zeros((batch_size, config.data.image_size, config.data.image_size, 3), np.float32)
+  tokens = np.array([[BOS_ID, 5, 6, 7, EOS_ID, PAD_ID, PAD_ID, PAD_ID],
+                     [BOS_ID, 8, 9, EOS_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID]], np.int32)
+  images = np.random.default_rng(0).uniform(
+      -1, 1, (batch_size, config.data.image_size, config.data.image_size, 3)).astype(np.float32)
   if not config.features.enabled:
     state = train_step_lib.create_train_state(config, model, key)
-    state, metrics = jax.jit(train_step_lib.train_step)(state, {'image': images, 'tokens': tokens}, key)
+    step = functools.partial(jax.jit(train_step_lib.train_step), batch={'image': images, 'tokens': tokens},
+                             dropout_key=key)
   else:
     full = jax.eval_shape(functools.partial(train_step_lib.create_train_state, config, model), key)
     embedding_dim = jax.eval_shape(
         lambda s: s.apply_fn(s.variables, images, method='encode'), full).shape[-1]
     state = train_step_lib.create_decoder_state(config, model, key, embedding_dim)
-    embedding = np.ones((batch_size, embedding_dim), np.float32)
+    embedding = np.random.default_rng(1).normal(size=(batch_size, embedding_dim)).astype(np.float32)
     if config.scst.enabled:
       mesh = parallel.make_mesh(jax.devices()[:1])
-      scorer = rewards.CiderD([[[5, 6, 7, EOS_ID]]] * batch_size, vocab)
+      # Image 0's reference holds every word, image 1's none of them: samples score apart.
+      scorer = rewards.CiderD([[list(range(4, vocab)) + [EOS_ID]], [[EOS_ID]]], vocab)
       data = scst.place(embedding, scorer.references, mesh)
-      step = scst.jit_scst_steps(1, per_shard_batch=batch_size, num_samples=config.scst.num_samples,
-                                 baseline=config.scst.baseline, temperature=config.scst.temperature,
-                                 max_len=max_len)
-      state, metrics = step(state, data, scorer.tables, key)
+      scst_step = scst.jit_scst_steps(
+          1, per_shard_batch=batch_size, num_samples=config.scst.num_samples,
+          baseline=config.scst.baseline, temperature=config.scst.temperature, max_len=max_len)
+      step = lambda state: scst_step(state, data, scorer.tables, key)
     else:
-      state, metrics = jax.jit(train_step_lib.decoder_train_step)(
-          state, {'embedding': embedding, 'tokens': tokens}, key)
-  assert int(state.step) == 1 and bool(np.all(metrics['finite'])), name
+      step = functools.partial(jax.jit(train_step_lib.decoder_train_step),
+                               batch={'embedding': embedding, 'tokens': tokens}, dropout_key=key)
+  params, batch_stats = jax.device_get((state.params, state.batch_stats))
+  for _ in range(2):
+    state, metrics = step(state)
+    assert bool(np.all(metrics['finite'])), name
+  assert int(state.step) == 2
+  changed = _changed(params, jax.device_get(state.params))
+  frozen = set() if config.model.train_encoder else {'encoder'}
+  assert set(changed) == ({'decoder'} if config.features.enabled else {'encoder', 'decoder'}), name
+  for module, moved in changed.items():
+    assert (not any(moved)) if module in frozen else all(moved), (name, module, moved)
+  if 'encoder' in frozen and not config.features.enabled:  # Its batch-norm statistics too.
+    assert not any(_changed(batch_stats, jax.device_get(state.batch_stats))['encoder']), name
 
 
 def test_train_script_rejects_unknown_config_fields(tmp_path):

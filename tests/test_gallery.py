@@ -50,15 +50,16 @@ class _Page(html.parser.HTMLParser):
 
 
 def test_per_image_cider_d_averages_to_the_split_and_follows_the_image_ids():
-  generated = {1: 'a red circle', 2: 'a green triangle', 3: 'one little green triangle'}
-  metrics, cider_d = evaluate.score_captions(REFERENCES, generated)
-  assert set(cider_d) == set(REFERENCES)
-  assert np.mean(list(cider_d.values())) == pytest.approx(metrics['cider'])
-  assert cider_d[2] < min(cider_d[1], cider_d[3])  # The one wrong caption scores lowest.
-  # The same captions under other ids: the scores move with their images.
-  _, swapped = evaluate.score_captions({10 + i: r for i, r in REFERENCES.items()},
-                                       {10 + i: c for i, c in generated.items()})
-  assert [swapped[10 + i] for i in (1, 2, 3)] == pytest.approx([cider_d[i] for i in (1, 2, 3)])
+  """Captions whose scores are known in rank: no shared word (0), a reference word for word
+  (the highest), part of one (between). Each image's score must sit at its own id, under the
+  given ids and under others ordered neither like them nor like the dicts' insertion."""
+  generated = {1: 'zebra zebra', 2: 'two blue squares', 3: 'a small green square'}
+  for ids, order in (({1: 1, 2: 2, 3: 3}, (1, 2, 3)), ({1: 30, 2: 10, 3: 20}, (3, 1, 2))):
+    metrics, cider_d = evaluate.score_captions({ids[i]: REFERENCES[i] for i in order},
+                                               {ids[i]: generated[i] for i in reversed(order)})
+    assert set(cider_d) == set(ids.values())
+    assert np.mean(list(cider_d.values())) == pytest.approx(metrics['cider'])
+    assert cider_d[ids[1]] == 0 and cider_d[ids[2]] > cider_d[ids[3]] > 0, (ids, cider_d)
 
 
 def test_page_holds_every_entry_escaped_with_inline_thumbnails():
@@ -94,18 +95,31 @@ def test_evaluate_gallery_opens_from_disk_and_orders_worst_first(trained_workdir
   parser.feed(page_path.read_text())
   assert len(parser.figures) == 5 and 'the first 5 of 12 images' in page_path.read_text()
 
+  # The page's control on a page with known scores, out of id order (two equal: by id).
+  scores = {1: 2.0, 2: 0.5, 3: 3.0, 4: 0.5, 5: 1.0}
+  rng = np.random.default_rng(1)
+  images = {i: rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for i in scores}
+  generated = {i: f'caption {i}' for i in scores}
+  known = tmp_path / 'known.html'
+  known.write_text(gallery.render('val', {'cider': 1.4, 'num_images': 5}, gallery.entries(
+      generated, scores, {i: [f'reference {i}'] for i in scores}, images, scene_check=False),
+      num_images=5))
+
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support.ui import Select  # pylint: disable=g-import-not-at-top
   driver = browser.headless_chromium()
   try:
-    driver.get(page_path.as_uri())
     shown = lambda: [(int(f.get_attribute('data-id')), float(f.get_attribute('data-cider')))
                      for f in driver.find_elements(By.CSS_SELECTOR, '#entries figure')]
-    assert [i for i, _ in shown()] == sorted(i for i, _ in shown())
-    Select(driver.find_element(By.ID, 'order')).select_by_value('worst')
-    worst_first = shown()
-    assert sorted(worst_first, key=lambda e: (e[1], e[0])) == worst_first
+    driver.get(page_path.as_uri())  # evaluate.py's page, from disk: its thumbnails load.
+    assert len(shown()) == 5
     assert all(img.get_attribute('naturalWidth') != '0'
                for img in driver.find_elements(By.CSS_SELECTOR, 'figure img'))
+    driver.get(known.as_uri())
+    assert [i for i, _ in shown()] == [1, 2, 3, 4, 5]
+    Select(driver.find_element(By.ID, 'order')).select_by_value('worst')
+    assert shown() == [(2, 0.5), (4, 0.5), (5, 1.0), (1, 2.0), (3, 3.0)]
+    captions = [f.text for f in driver.find_elements(By.CSS_SELECTOR, '#entries figure .caption')]
+    assert [c.split('\n')[0] for c in captions] == [f'caption {i}' for i in (2, 4, 5, 1, 3)]
   finally:
     driver.quit()

@@ -13,6 +13,7 @@ import sys
 import h5py
 import jax
 import jax.numpy as jnp
+import keras
 import numpy as np
 import pytest
 
@@ -21,8 +22,6 @@ from jaxcap.models import inception_v3
 
 # As jaxcap's own programs compile it (on CPU: XLA's convolutions, not YNNPACK's).
 _jit = functools.partial(jax.jit, compiler_options=parallel.compiler_options())
-
-keras = pytest.importorskip('keras')
 
 pytestmark = pytest.mark.slow
 
@@ -78,25 +77,31 @@ def _keras_outputs(model, images):
   return outputs
 
 
-@pytest.mark.parametrize('fmt', ['keras3', 'legacy'])
-def test_notop_matches_keras_at_299_and_at_150x200(keras_model, weight_files, fmt):
+def test_both_file_formats_load_the_same_weights(weight_files):
+  keras3 = inception_v3.load_keras_weights(weight_files['keras3'], include_top=False)
+  legacy = inception_v3.load_keras_weights(weight_files['legacy'], include_top=False)
+  assert len(jax.tree.leaves(keras3)) == 2 * 94 + 2 * 94  # Kernel, beta, mean, var... of 94 layers.
+  jax.tree.map(np.testing.assert_array_equal, keras3, legacy)
+
+
+@pytest.mark.parametrize('fmt,shape', [('keras3', (299, 299)), ('legacy', (150, 200))])
+def test_notop_matches_keras_block_by_block(keras_model, weight_files, fmt, shape):
+  """Every mixed block and the pooled embedding, at the pretrained size and at another (both
+  formats load the same arrays: the test above)."""
   variables = inception_v3.load_keras_weights(weight_files[fmt], include_top=False)
   model = inception_v3.InceptionV3()
   apply = _jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))
-  reference = keras_notop_model(keras_model)
-  rng = np.random.default_rng(1)
-  for shape in ((299, 299), (150, 200)):
-    images = rng.uniform(-1, 1, (2, *shape, 3)).astype(np.float32)
-    expected = _keras_outputs(reference, images)
-    embedding, state = apply(variables, images)
-    assert embedding.shape == (2, 2048) and embedding.dtype == jnp.float32
-    errors = {'embedding': _rel_error(embedding, expected['embedding'])}
-    for block in range(11):
-      actual, = state['intermediates'][f'mixed{block}']
-      errors[f'mixed{block}'] = _rel_error(actual, expected[f'mixed{block}'])
-    print(f'{fmt} {shape}: largest relative error {max(errors.values()):.1e} '
-          f'(embedding {errors["embedding"]:.1e})')
-    assert all(error <= 1e-4 for error in errors.values()), errors
+  images = np.random.default_rng(1).uniform(-1, 1, (2, *shape, 3)).astype(np.float32)
+  expected = _keras_outputs(keras_notop_model(keras_model), images)
+  embedding, state = apply(variables, images)
+  assert embedding.shape == (2, 2048) and embedding.dtype == jnp.float32
+  errors = {'embedding': _rel_error(embedding, expected['embedding'])}
+  for block in range(11):
+    actual, = state['intermediates'][f'mixed{block}']
+    errors[f'mixed{block}'] = _rel_error(actual, expected[f'mixed{block}'])
+  print(f'{fmt} {shape}: largest relative error {max(errors.values()):.1e} '
+        f'(embedding {errors["embedding"]:.1e})')
+  assert all(error <= 1e-4 for error in errors.values()), errors
 
 
 def test_top_logits_match_keras(keras_model, weight_files):

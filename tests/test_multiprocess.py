@@ -1,6 +1,7 @@
-"""Across processes and interruptions: 2 processes x 2 devices train exactly as 1 x 4 and agree
-on the step at which a preemption notice to one of them stops both, and a run killed with
-SIGKILL and restarted reproduces the uninterrupted run's losses."""
+"""Across processes and interruptions: 2 processes x 2 devices train exactly as 1 process x 8
+devices (the same global batch; up to the order of the gradient all-reduce) and agree on the step
+at which a preemption notice to one of them stops both, and a run killed with SIGKILL and
+restarted reproduces the uninterrupted run's losses."""
 
 import json
 import os
@@ -26,8 +27,25 @@ TIMEOUT_S = 240
 
 
 def _env(devices: int) -> dict[str, str]:
+  """The test process's environment (its PYTHONPATH brings the offline guard, tests/offline,
+  to every process) with `devices` CPU devices."""
   return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-          'PYTHONPATH': str(ROOT)}
+          'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ['PYTHONPATH']])}
+
+
+def _start_two(command) -> list[subprocess.Popen]:
+  return [subprocess.Popen(command(i), env=_env(2), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _wait_all(processes: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+  """Their outputs; kills every one of them if any fails to finish in time (a process waiting
+  for a dead peer must not outlive the test)."""
+  try:
+    return [p.communicate(timeout=timeout) for p in processes]
+  finally:
+    for process in processes:
+      process.kill()
 
 
 def _train_command(config_file: str, workdir: pathlib.Path, *flags: str) -> list[str]:
@@ -51,7 +69,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-STEPS = 40
+STEPS, CHECKPOINT_EVERY = 16, 4
 
 
 @pytest.fixture(scope='module')
@@ -61,7 +79,7 @@ def run_config(data_dir, tmp_path_factory):
   directory = tmp_path_factory.mktemp('multiprocess')
   config_file = write_config_file(
       directory / 'config.py', data_dir, num_train_steps=STEPS, log_every_steps=1,
-      checkpoint_every_steps=5, **{'data.input_shards': 2, 'data.eval_splits': ('val',)})
+      checkpoint_every_steps=CHECKPOINT_EVERY, **{'data.input_shards': 2, 'data.eval_splits': ('val',)})
   uninterrupted = directory / 'uninterrupted'
   result = subprocess.run(_train_command(config_file, uninterrupted), env=_env(8),
                           capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -89,30 +107,29 @@ def test_two_processes_train_as_one_and_agree_on_preemption(run_config, tmp_path
   address = f'127.0.0.1:{_free_port()}'
   command = lambda i: _train_command(config_file, double, f'--coordinator_address={address}',
                                      '--num_processes=2', f'--process_id={i}')
-  processes = [subprocess.Popen(command(i), env=_env(2), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+  processes = _start_two(command)
   try:
     deadline = time.monotonic() + TIMEOUT_S
     while _logged_step(double) < 2:
       assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
       time.sleep(0.01)
     processes[1].send_signal(signal.SIGTERM)  # Process 0 never gets the notice.
-    outputs = [p.communicate(timeout=60) for p in processes]  # Both stop within a bounded time.
-  finally:
+  except BaseException:
     for process in processes:
-      process.kill()  # A process that hangs (waiting for its peer) must not outlive the test.
+      process.kill()
+    raise
+  outputs = _wait_all(processes, 60)  # Both stop within a bounded time.
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-3000:]
   stopped = [int(re.search(r'SIGTERM: saved the checkpoint of step (\d+)', stderr).group(1))
              for _, stderr in outputs]
   assert stopped[0] == stopped[1] < STEPS, stopped
   # The regular checkpoints, and one more at the agreed step.
-  assert _checkpoint_steps(double) == sorted({*range(5, stopped[0] + 1, 5), stopped[0]})[-2:]
+  assert _checkpoint_steps(double) == sorted(
+      {*range(CHECKPOINT_EVERY, stopped[0] + 1, CHECKPOINT_EVERY), stopped[0]})[-2:]
   assert 'on 4 devices' in outputs[0][1]
 
-  processes = [subprocess.Popen(command(i), env=_env(2), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=TIMEOUT_S) for p in processes]
+  outputs = _wait_all(_start_two(command), TIMEOUT_S)
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-3000:]
     assert f'Resumed from the checkpoint of step {stopped[0]}' in stderr
@@ -140,7 +157,7 @@ def test_sigkill_and_restart_replays_the_same_losses(run_config, tmp_path):
   process = subprocess.Popen(_train_command(config_file, killed), env=_env(8),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + TIMEOUT_S
-  while not (killed / 'checkpoints' / '10').exists():
+  while not (killed / 'checkpoints' / str(2 * CHECKPOINT_EVERY)).exists():
     assert process.poll() is None and time.monotonic() < deadline
     time.sleep(0.01)
   process.send_signal(signal.SIGKILL)

@@ -3,6 +3,7 @@
 import collections
 import math
 
+import jax
 import numpy as np
 import pytest
 from pycocoevalcap.cider import cider_scorer
@@ -117,3 +118,26 @@ def test_random_captions_and_largest_vocabulary(vocab_size):
 def test_ids_beyond_the_packing_are_refused():
   with pytest.raises(ValueError, match='ids must lie'):
     rewards.CiderD([[[70_000, 2]]])
+
+
+def test_from_padded_equals_the_lists_whatever_lies_in_the_masked_rows():
+  """Training's constructor (ids after BOS, (I, C, L) padded, counts per image): the references
+  beyond each image's count are masked out, whatever ids they hold."""
+  rng = np.random.default_rng(7)
+  references = [[list(rng.integers(3, 12, rng.integers(1, 9))) + [2] for _ in range(rng.integers(1, 5))]
+                for _ in range(10)]
+  tokens = rng.integers(3, 12, (10, 5, 12))  # Junk everywhere, then the real references over it.
+  for i, refs in enumerate(references):
+    for c, ref in enumerate(refs):
+      tokens[i, c] = _padded([ref], 12)[0]
+  counts = np.array([len(refs) for refs in references])
+  candidates = [list(rng.integers(3, 12, rng.integers(0, 10))) for _ in range(40)]
+  candidates += [tokens[i, 4][:6].tolist() for i in range(10)]  # A masked row's junk as the caption.
+  image_index = np.r_[rng.integers(0, 10, 40), np.arange(10)]
+  padded = rewards.CiderD.from_padded(tokens, counts, 16)
+  listed = rewards.CiderD(references, 16)
+  got = padded.scores(_padded(candidates, 14), image_index)
+  np.testing.assert_allclose(got, listed.scores(_padded(candidates, 14), image_index), rtol=1e-6)
+  np.testing.assert_allclose(got, reference_cider_d(candidates, image_index, references),
+                             rtol=1e-5, atol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, padded.tables, listed.tables)

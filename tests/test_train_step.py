@@ -167,11 +167,15 @@ def test_decoder_dropout_only_in_training_and_replayable(config):
   dropped_loss = loss(dropped, train=True, rngs={'dropout': key})
   assert abs(float(dropped_loss) - float(loss(plain))) > 1e-3
   assert float(dropped_loss) != float(loss(dropped, train=True, rngs={'dropout': jax.random.key(2)}))
-  # The step's mask is a pure function of (key, step): the same step twice is the same update.
+  # The step's mask is a pure function of (key, step): the same step twice is the same update,
+  # the same key at another step (same parameters) another mask, so another loss.
   step = jax.jit(train_step_lib.decoder_train_step)
-  first, _ = step(dropped, batch, key)
-  again, _ = step(dropped, batch, key)
+  first, first_metrics = step(dropped, batch, key)
+  again, again_metrics = step(dropped, batch, key)
   for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(again.params)):
     np.testing.assert_array_equal(a, b)
+  assert float(first_metrics['loss']) == float(again_metrics['loss'])
+  _, later_metrics = step(dropped.replace(step=dropped.step + 5), batch, key)
+  assert abs(float(later_metrics['loss']) - float(first_metrics['loss'])) > 1e-4
   with pytest.raises(Exception, match='dropout'):  # A model with dropout needs the key.
     step(dropped, batch)
