@@ -1,14 +1,17 @@
 """A real headless browser for the page tests: Debian's chromium and chromium-driver.
 
 Found on the PATH, or installed with apt-get when this runs as root on a Debian-like system
-(what `.ci/run`'s machines are). Nothing downloads a browser build of its own.
+(what `.ci/run`'s machines are). Nothing downloads a browser build of its own. Where neither
+works the test skips, except in CI (`CI` set), where it fails.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -20,24 +23,37 @@ def _find() -> tuple[str, str] | None:
   return (browser, driver) if browser and driver else None
 
 
+def _unavailable(reason: str):
+  """Skips the test, or fails it in CI (`CI` set), where a browser test must run."""
+  if os.environ.get('CI'):
+    pytest.fail(f'CI must run the browser tests: {reason}', pytrace=False)
+  pytest.skip(reason)
+
+
 def find_or_install_chromium() -> tuple[str, str]:
-  """(chromium, chromedriver) paths; installs Debian's packages if it can, else skips the test
-  with the reason."""
+  """(chromium, chromedriver) paths; installs Debian's packages if it can, once for all test
+  workers (under a file lock: a second apt-get would lose dpkg's lock), else skips the test
+  with the reason (fails it in CI)."""
   found = _find()
   if found:
     return found
   if shutil.which('apt-get') is None or os.geteuid() != 0:
-    pytest.skip('no chromium/chromedriver on the PATH, and apt-get cannot install them here '
-                '(needs root and apt-get): install Debian\'s chromium and chromium-driver')
-  env = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}
-  for command in (['apt-get', 'update', '-qq'], ['apt-get', 'install', '-y', '-qq', *_PACKAGES]):
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    if result.returncode:
-      pytest.skip(f'`{" ".join(command)}` failed, so no Chromium for the browser tests: '
-                  f'{result.stderr.strip()[-500:]}')
+    _unavailable('no chromium/chromedriver on the PATH, and apt-get cannot install them here '
+                 '(needs root and apt-get): install Debian\'s chromium and chromium-driver')
+  with open(os.path.join(tempfile.gettempdir(), 'jaxcap-tests-chromium.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    found = _find()  # Another worker may have installed them while this one waited.
+    if found:
+      return found
+    env = {**os.environ, 'DEBIAN_FRONTEND': 'noninteractive'}
+    for command in (['apt-get', 'update', '-qq'], ['apt-get', 'install', '-y', '-qq', *_PACKAGES]):
+      result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+      if result.returncode:
+        _unavailable(f'`{" ".join(command)}` failed, so no Chromium for the browser tests: '
+                     f'{result.stderr.strip()[-500:]}')
   found = _find()
   if not found:
-    pytest.skip(f'apt-get installed {_PACKAGES} but chromium/chromedriver are not on the PATH')
+    _unavailable(f'apt-get installed {_PACKAGES} but chromium/chromedriver are not on the PATH')
   return found
 
 

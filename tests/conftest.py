@@ -10,6 +10,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # machine (tests/offline/sitecustomize.py, found on PYTHONPATH by each new interpreter).
 _OFFLINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'offline')
 os.environ['PYTHONPATH'] = os.pathsep.join(p for p in (_OFFLINE, os.environ.get('PYTHONPATH')) if p)
+import pathlib  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 sys.path.insert(0, _OFFLINE)
 import sitecustomize  # noqa: E402,F401  pylint: disable=unused-import
@@ -64,20 +66,34 @@ def config(data_dir):
   return tiny_config(data_dir)
 
 
+def _run_folder(tmp_path_factory) -> pathlib.Path:
+  """A folder shared by the xdist workers of this run (and only this run)."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+
+
 @pytest.fixture(scope='session')
 def trained_workdir(tmp_path_factory, data_dir) -> str:
   """A workdir trained by scripts/train.py on tiny_config (6 steps, one CPU device), for the
-  tests of what reads a trained workdir: gallery, export, caption server."""
+  tests of what reads a trained workdir: gallery, export, caption server. Trained once per run,
+  by the first worker that needs it (the others wait on a file lock)."""
+  import fcntl  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
-  base = tmp_path_factory.mktemp('trained')
-  config_file = write_config_file(base / 'tiny_config.py', data_dir, num_train_steps=6,
-                                  eval_every_steps=6)
-  workdir = str(base / 'workdir')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  subprocess.run([sys.executable, os.path.join(root, 'scripts', 'train.py'), '--config',
-                  config_file, '--workdir', workdir], check=True, capture_output=True, timeout=600,
-                 cwd=root, env={**os.environ, 'XLA_FLAGS': ''})
-  return workdir
+  base = _run_folder(tmp_path_factory) / 'trained'
+  workdir = base / 'workdir'
+  with open(_run_folder(tmp_path_factory) / 'trained.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    if not (base / 'done').exists():
+      shutil.rmtree(base, ignore_errors=True)  # What a failed attempt left.
+      base.mkdir()
+      config_file = write_config_file(base / 'tiny_config.py', data_dir, num_train_steps=6,
+                                      eval_every_steps=6)
+      root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      subprocess.run([sys.executable, os.path.join(root, 'scripts', 'train.py'), '--config',
+                      config_file, '--workdir', str(workdir)], check=True, capture_output=True,
+                     timeout=600, cwd=root, env={**os.environ, 'XLA_FLAGS': ''})
+      (base / 'done').touch()
+  return str(workdir)
 
 
 # A test's report for the end of the run (`record_property(SUMMARY_PROPERTY, text)`): pytest
@@ -92,3 +108,21 @@ def pytest_terminal_summary(terminalreporter):
       if name == SUMMARY_PROPERTY and report.when == 'call':
         terminalreporter.write_sep('-', report.nodeid)
         terminalreporter.write_line(text)
+
+
+# Test files that take longest, started first so that no worker runs one alone at the end
+# (xdist hands out work in collection order). The README's commands are split into tests of
+# their own groups (tests/test_readme_commands.py); every other file is one group, so its
+# module fixtures are built once.
+_LONGEST_FIRST = ('test_readme_commands', 'test_multiprocess', 'test_inception_v3', 'test_scst',
+                  'test_serve', 'test_configs', 'test_features')
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.get_closest_marker('xdist_group') is None:
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+  rank = lambda item: (_LONGEST_FIRST.index(item.module.__name__.split('.')[-1])
+                       if item.module.__name__.split('.')[-1] in _LONGEST_FIRST else len(_LONGEST_FIRST))
+  items.sort(key=rank)  # Stable: each file's tests keep their order.

@@ -22,16 +22,25 @@ in for, and the output says so:
   that command 1 installs the same package without the test extra.
 - The peers in `../shared/peers` run when that folder exists (it is not part of this
   repository) and their framework is installed (torch is not a jaxcap dependency).
+- `scripts/benchmark_gpu.sh` runs two of its runs (ONLY=), the bfloat16 programs no other
+  command runs; its other runs are benchmark.py modes that the documents' commands run.
 Benchmark commands run with TensorFlow unimportable, as on accelerator hosts without it. Outputs
 are checked where the documents say what they are (caption lines and JSON, evaluation files and
-metrics against pycocoevalcap run directly, benchmark JSON). The benchmarks (synthetic inputs, no
-dataset, no workdir) run beside the README's workflow, in a second thread, to use both cores.
+metrics against pycocoevalcap run directly, benchmark JSON).
+
+Each command line runs once, however often the documents show it once the tiny sizes are
+appended. Commands that share a folder (a workdir they write or resume, an init_from run, a
+feature cache) run in one test in the documents' order, after the command that converts the
+weights they read; every other command is a test of its own, so pytest-xdist spreads them over
+the workers. Each test's report (what ran, what stood in, the seconds) is printed at the end of
+the run.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -70,7 +79,8 @@ _TINY_CONFIG = (
 # InceptionV3 needs 75 pixels at least; small_cnn runs at the tests' 32.
 _IMAGE_SIZE = {'inception_v3': 75}
 _TINY_BENCHMARK = ('--batch_size', '4', '--steps', '1', '--warmup', '1', '--vocab_size', '64',
-                   '--num_batches', '2', '--peak_matmul_size', '128', '--embedding_dim', '32')
+                   '--num_batches', '2', '--peak_matmul_size', '128', '--embedding_dim', '32',
+                   '--checkpoint_every', '1')
 _TINY_PEER = {'keras_show_tell.py': ('--batch_size', '4', '--vocab_size', '64', '--steps', '1',
                                      '--warmup', '1'),
               'torch_show_tell.py': ('--batch_size', '4', '--vocab_size', '64', '--steps', '1',
@@ -78,6 +88,9 @@ _TINY_PEER = {'keras_show_tell.py': ('--batch_size', '4', '--vocab_size', '64', 
               'keras_inception_infer.py': ('--batch_size', '1', '--steps', '1')}
 _PEER_FRAMEWORK = {'keras_show_tell.py': 'keras', 'torch_show_tell.py': 'torch',
                    'keras_inception_infer.py': 'keras'}
+# scripts/benchmark_gpu.sh's runs that run here (ONLY=): bfloat16 programs that no other
+# command runs, one of the frozen InceptionV3 and one of the resident decoder.
+_GPU_RUNS = '^(train_frozen_bf16_b256|decoder_resident_bf16_b1024)$'
 _INSTALL = re.compile(r'^(python3 -m venv \.venv|\.venv/bin/pip install .*)$')
 _TIMEOUT_S = 600
 
@@ -247,12 +260,6 @@ def plan(command: DocCommand, checkout: Checkout) -> Plan:
   program = pathlib.Path(argv[1]).name
   result = Plan(command, argv, env)
   if argv[1].startswith('../shared/peers/'):
-    framework = _PEER_FRAMEWORK[program]
-    if not (checkout.repo.parent / argv[1][3:]).exists():
-      result.not_run = f'{argv[1]} is not beside this checkout (the peers are not part of it)'
-    elif subprocess.run([sys.executable, '-c', f'import {framework}'],
-                        capture_output=True).returncode:
-      result.not_run = f'{framework} is not installed (a peer\'s framework, not a jaxcap dependency)'
     argv += _TINY_PEER[program]
   elif program in ('train.py', 'prepare_data.py', 'extract_features.py'):
     extra, stand_in = _config_overrides(argv, checkout)
@@ -269,12 +276,14 @@ def plan(command: DocCommand, checkout: Checkout) -> Plan:
         argv[i] = str(checkout.shared_storage / arg[len('/shared/'):])
   elif program == 'benchmark.py':
     extra, _ = _config_overrides(argv, checkout)
-    result.json_path = checkout.results / (re.sub(r'\W+', '_', command.source + command.text)[:200] + '.json')
+    result.json_path = checkout.results / (re.sub(r'\W+', '_', command.text)[:200] + '.json')
     argv += [*extra, *_TINY_BENCHMARK, '--json', str(result.json_path)]
     env['PYTHONPATH'] = f'{checkout.no_tensorflow}{os.pathsep}{env.get("PYTHONPATH", "")}'
   elif program == 'benchmark_gpu.sh':
     argv += [*_TINY_CONFIG, '--config.data.image_size=75', *_TINY_BENCHMARK]
-    env['OUT'] = str(checkout.results / 'gpu')
+    env['OUT'], env['ONLY'] = str(checkout.results / 'gpu'), _GPU_RUNS
+    stand_ins.append(f'two of its runs (ONLY={_GPU_RUNS}): the others run benchmark.py\'s '
+                     'modes that the commands above run')
     env['PYTHONPATH'] = f'{checkout.no_tensorflow}{os.pathsep}{env.get("PYTHONPATH", "")}'
   elif program == 'convert_weights.py':
     if '--keras' in argv and argv[argv.index('--keras') + 1] == 'imagenet':
@@ -340,8 +349,10 @@ def _check_benchmark_json(results: dict) -> None:
 def _check_benchmark_gpu(p: Plan, result, checkout: Checkout) -> None:
   del p
   names = sorted(n for n in os.listdir(checkout.results / 'gpu') if n.endswith('.json'))
-  runs = sum(line.startswith('run ') for line in (ROOT / 'scripts' / 'benchmark_gpu.sh').read_text().splitlines())
-  assert len(names) == result.stdout.count('== ') == runs, (names, result.stdout)
+  runs = [line.split()[1] for line in (ROOT / 'scripts' / 'benchmark_gpu.sh').read_text().splitlines()
+          if line.startswith('run ')]
+  chosen = sorted(f'{name}.json' for name in runs if re.search(_GPU_RUNS, name))
+  assert len(chosen) == 2 and names == chosen and result.stdout.count('== ') == 2, (names, result.stdout)
   for name in names:
     _check_benchmark_json(json.loads((checkout.results / 'gpu' / name).read_text()))
 
@@ -355,6 +366,7 @@ def _check_caption(p: Plan, result, checkout: Checkout) -> None:
   if '--json' in p.argv:
     entries = json.loads(result.stdout)
     assert [e['path'] for e in entries] == paths and all(isinstance(e['caption'], str) for e in entries)
+    assert all(e['log_prob'] < 0 for e in entries), entries
     return
   lines = result.stdout.strip().split('\n')
   assert [line.split('\t')[0] for line in lines] == [
@@ -416,14 +428,27 @@ def _groups(plans: list[Plan]) -> list[list[Plan]]:
   return groups
 
 
+def _not_run(p: Plan, checkout: Checkout) -> str:
+  """Why a planned command cannot run here ('' if it can)."""
+  if p.not_run or not p.argv[1].startswith('../shared/peers/'):
+    return p.not_run
+  framework = _PEER_FRAMEWORK[pathlib.Path(p.argv[1]).name]
+  if not (checkout.repo.parent / p.argv[1][3:]).exists():
+    return f'{p.argv[1]} is not beside this checkout (the peers are not part of it)'
+  if subprocess.run([sys.executable, '-c', f'import {framework}'], capture_output=True).returncode:
+    return f'{framework} is not installed (a peer\'s framework, not a jaxcap dependency)'
+  return ''
+
+
 def _run_in_order(plans: list[Plan], checkout: Checkout, report) -> list[str]:
   """Runs the plans' groups one after the other; returns the failures."""
   failures = []
   for group in _groups(plans):
-    runnable = [p for p in group if not p.not_run]
     for p in group:
+      p.not_run = _not_run(p, checkout)
       if p.not_run:
         report(f'  [not run] {p.command.source}: {p.command.text}\n      why: {p.not_run}')
+    runnable = [p for p in group if not p.not_run]
     if not runnable:
       continue
     start = time.perf_counter()
@@ -448,36 +473,141 @@ def _run_in_order(plans: list[Plan], checkout: Checkout, report) -> list[str]:
   return failures
 
 
-def _is_benchmark(p: Plan) -> bool:
-  return len(p.argv) > 1 and (pathlib.Path(p.argv[1]).name in ('benchmark.py', 'benchmark_gpu.sh')
-                              or p.argv[1].startswith('../shared/peers/'))
+# Planning at collection, against a checkout of placeholder paths: the same final command line
+# runs once; commands that share a folder they write or resume (a workdir, an init_from run, a
+# feature cache) run in one test, in the documents' order; a command that reads converted weights
+# runs after the command that converts them, in its own test; the others run in tests of their
+# own, which pytest-xdist spreads over the workers (each worker has its own checkout).
+_PLACEHOLDER = Checkout(
+    repo=pathlib.Path('/checkout/repo'), home=pathlib.Path('/checkout/home'),
+    tfds_dir='/checkout/tfds', coco_dir='/checkout/data/coco', data=pathlib.Path('/checkout/data'),
+    shared_storage=pathlib.Path('/checkout/shared_storage'), results=pathlib.Path('/checkout/results'),
+    no_tensorflow=pathlib.Path('/checkout/no_tensorflow'))
+_TRAINS = ('train.py', 'extract_features.py', 'prepare_data.py')
 
 
-def test_readme_and_benchmark_commands_run(checkout, record_property):
+def _flags(argv: list[str]) -> tuple[tuple[str, ...], dict[str, str]]:
+  """(positional arguments, {flag: value}) of a command line, the last of a repeated flag
+  winning as it does for absl."""
+  positional, flags, i = [], {}, 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--') and '=' in arg:
+      name, value = arg.split('=', 1)
+    elif arg.startswith('--') and i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+      name, value = arg, argv[i + 1]
+      i += 1
+    elif arg.startswith('--'):
+      name, value = arg, 'true'
+    else:
+      positional.append(arg)
+      i += 1
+      continue
+    flags[name] = value
+    i += 1
+  return tuple(positional), flags
+
+
+def _effective(p: Plan) -> tuple:
+  """What a planned command does: its arguments and its flags' final values."""
+  positional, flags = _flags([a for a in p.argv if a != str(p.json_path)])
+  return positional, tuple(sorted(flags.items()))
+
+
+def _folders(p: Plan) -> tuple[set[str], set[str]]:
+  """(folders the command writes or resumes, converted weights it reads), as absolute paths."""
+  _, flags = _flags(p.argv)
+  written, weights = {flags[f] for f in ('--workdir', '--output') if f in flags}, set()
+  if pathlib.Path(p.argv[1]).name in _TRAINS:
+    config = importlib.import_module(f'configs.{pathlib.Path(flags["--config"]).stem}').get_config()
+    value = lambda field: flags.get(f'--config.{field}',
+                                    str(functools.reduce(getattr, field.split('.'), config)))
+    written |= {value('scst.init_from'), value('features.cache_dir')}
+    if pathlib.Path(p.argv[1]).name != 'prepare_data.py':  # It reads no weights.
+      weights.add(value('model.encoder_weights'))
+  absolute = lambda folders: {os.path.normpath(os.path.join(str(_PLACEHOLDER.repo), f))
+                              for f in folders if f and f != 'None'}
+  return absolute(written), absolute(weights)
+
+
+def _overlap(a: set[str], b: set[str]) -> bool:
+  return any(x == y or x.startswith(y + os.sep) or y.startswith(x + os.sep) for x in a for y in b)
+
+
+@dataclasses.dataclass
+class Lane:
+  """Commands that run in one test, in order."""
+  commands: list[DocCommand]
+  written: set[str]
+  weights: set[str]
+  notes: list[str] = dataclasses.field(default_factory=list)
+  name: str = ''  # The test's id: where its first own command is written.
+
+
+def _lanes() -> tuple[list[Lane], list[DocCommand]]:
+  """The documents' commands in lanes, and the test command (quick start 2, run by .ci/run)."""
   commands = [c for path in DOCUMENTS for c in read_commands(path)]
-  texts = [c.text for c in commands]
-  # The quick start: command 2 is .ci/run's; command 1 installs the same package, test extra aside.
+  order = {id(c): i for i, c in enumerate(commands)}
+  lanes: list[Lane] = []
+  first_of: dict[tuple, DocCommand] = {}
+  ci, same = [], []
+  for command in commands:
+    p = plan(command, _PLACEHOLDER)
+    if not p.argv:
+      ci.append(command)
+      continue
+    key = _effective(p)
+    if key in first_of:
+      same.append((first_of[key], f'[same command] {command.source} runs as '
+                                  f'{first_of[key].source}: {command.text}'))
+      continue
+    first_of[key] = command
+    lane = Lane([command], *_folders(p))
+    for other in [l for l in lanes if _overlap(l.written, lane.written)]:
+      lanes.remove(other)
+      lane = Lane(sorted(other.commands + lane.commands, key=lambda c: order[id(c)]),
+                  other.written | lane.written, other.weights | lane.weights)
+    lanes.append(lane)
+  # Converted weights: their converting command (the first one) runs first in each lane that
+  # reads them.
+  for lane in lanes:
+    lane.name = lane.commands[0].source
+    for folder in sorted(lane.weights - lane.written):
+      producer = next(l for l in lanes if folder in l.written).commands[0]
+      lane.notes.append(f'[first] {producer.source} converts the weights that the lane reads')
+      lane.commands.insert(0, producer)
+  for first, note in same:
+    next(l for l in lanes if first in l.commands).notes.append(note)
+  names = collections.Counter()
+  for lane in lanes:  # Two inline commands can share a line: the second gets ' (2)'.
+    names[lane.name] += 1
+    lane.name += f' ({names[lane.name]})' if names[lane.name] > 1 else ''
+  # The longest first (more commands, more time), so that xdist starts them first.
+  return sorted(lanes, key=lambda l: -len(l.commands)), ci
+
+
+LANES, CI_COMMANDS = _lanes()
+
+
+def test_quick_start_is_what_ci_runs():
+  """Quick-start command 2 is .ci/run's; command 1 installs the same package, test extra aside."""
+  texts = [c.text for path in DOCUMENTS for c in read_commands(path)]
   quick_install, quick_test = texts[0], texts[1]
+  assert [c.text for c in CI_COMMANDS] == [quick_test]
   assert quick_test == _ci_command(), (quick_test, _ci_command())
   install_1 = [s.strip() for s in quick_install.split('&&')][:2]
   install_2 = [s.strip() for s in quick_test.split('&&')][:2]
   assert install_1 == [install_2[0], install_2[1].replace(" -e '.[test]'", ' -e .')], install_1
+  assert len({id(c) for l in LANES for c in l.commands}) >= 25, [c.text for l in LANES for c in l.commands]
 
-  seen, plans = set(), []
-  for command in commands:
-    if command.text not in seen:
-      seen.add(command.text)
-      plans.append(plan(command, checkout))
-  assert len(plans) >= 25, [p.command.text for p in plans]
 
+@pytest.mark.parametrize('lane', [pytest.param(l, id=l.name, marks=pytest.mark.xdist_group(f'readme {l.name}'))
+                                  for l in LANES])
+def test_documented_commands_run(lane, checkout, record_property):
+  plans = [plan(command, checkout) for command in lane.commands]
+  lines = [f'{len(plans)} command(s) in document order; seconds are wall time:']
+  failures = _run_in_order(plans, checkout, lines.append)
+  lines += [f'  {note}' for note in lane.notes]
   # The report is printed at the end of the run by tests/conftest.py (pytest_terminal_summary).
-  lines = [f'{len(plans)} distinct commands from {", ".join(DOCUMENTS)} (workflow and benchmarks '
-           'side by side; seconds are wall time):']
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    workflow = pool.submit(_run_in_order, [p for p in plans if not _is_benchmark(p)], checkout,
-                           lines.append)
-    benchmarks = pool.submit(_run_in_order, [p for p in plans if _is_benchmark(p)], checkout,
-                             lines.append)
-    failures = workflow.result() + benchmarks.result()
   record_property(SUMMARY_PROPERTY, '\n'.join(lines))
   assert not failures, '\n\n'.join(failures)
