@@ -79,9 +79,10 @@ def trained_workdir(tmp_path_factory, data_dir) -> str:
   by the first worker that needs it (the others wait on a file lock)."""
   import fcntl  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
-  base = _run_folder(tmp_path_factory) / 'trained'
+  run_folder = _run_folder(tmp_path_factory)
+  base = run_folder / 'trained'
   workdir = base / 'workdir'
-  with open(_run_folder(tmp_path_factory) / 'trained.lock', 'w') as lock:
+  with open(run_folder / 'trained.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
     if not (base / 'done').exists():
       shutil.rmtree(base, ignore_errors=True)  # What a failed attempt left.
@@ -123,6 +124,6 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if item.get_closest_marker('xdist_group') is None:
       item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-  rank = lambda item: (_LONGEST_FIRST.index(item.module.__name__.split('.')[-1])
-                       if item.module.__name__.split('.')[-1] in _LONGEST_FIRST else len(_LONGEST_FIRST))
-  items.sort(key=rank)  # Stable: each file's tests keep their order.
+  order = {name: rank for rank, name in enumerate(_LONGEST_FIRST)}
+  # Stable: each file's tests keep their order.
+  items.sort(key=lambda item: order.get(item.module.__name__.rpartition('.')[2], len(order)))

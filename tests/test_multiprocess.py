@@ -38,14 +38,18 @@ def _start_two(command) -> list[subprocess.Popen]:
                            stderr=subprocess.PIPE, text=True) for i in range(2)]
 
 
+def _kill_all(processes: list[subprocess.Popen]) -> None:
+  """A process waiting for a dead peer must not outlive the test."""
+  for process in processes:
+    process.kill()
+
+
 def _wait_all(processes: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
-  """Their outputs; kills every one of them if any fails to finish in time (a process waiting
-  for a dead peer must not outlive the test)."""
+  """Their outputs; kills every one of them if any fails to finish in time."""
   try:
     return [p.communicate(timeout=timeout) for p in processes]
   finally:
-    for process in processes:
-      process.kill()
+    _kill_all(processes)
 
 
 def _train_command(config_file: str, workdir: pathlib.Path, *flags: str) -> list[str]:
@@ -115,8 +119,7 @@ def test_two_processes_train_as_one_and_agree_on_preemption(run_config, tmp_path
       time.sleep(0.01)
     processes[1].send_signal(signal.SIGTERM)  # Process 0 never gets the notice.
   except BaseException:
-    for process in processes:
-      process.kill()
+    _kill_all(processes)
     raise
   outputs = _wait_all(processes, 60)  # Both stop within a bounded time.
   for process, (_, stderr) in zip(processes, outputs):
@@ -129,7 +132,8 @@ def test_two_processes_train_as_one_and_agree_on_preemption(run_config, tmp_path
       {*range(CHECKPOINT_EVERY, stopped[0] + 1, CHECKPOINT_EVERY), stopped[0]})[-2:]
   assert 'on 4 devices' in outputs[0][1]
 
-  outputs = _wait_all(_start_two(command), TIMEOUT_S)
+  processes = _start_two(command)
+  outputs = _wait_all(processes, TIMEOUT_S)
   for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 0, stderr[-3000:]
     assert f'Resumed from the checkpoint of step {stopped[0]}' in stderr

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcap import inference
 from jaxcap import decode
+from jaxcap import inference
 from jaxcap import parallel
 from jaxcap import rewards
 from jaxcap import scst
