@@ -11,7 +11,7 @@ from configs import coco_features
 
 def get_config():
   config = coco_features.get_config()
-  config.scst.enabled = True
+  config.trainer = 'scst'
   config.scst.init_from = 'workdirs/coco_features'
   config.scst.num_samples = 5
   config.scst.baseline = 'mean_of_others'

@@ -1,4 +1,4 @@
-"""Base configuration: the course model on the built-in shapes dataset.
+"""Base configuration: the Show-and-Tell captioner on the built-in shapes dataset.
 
 Every other config imports this one and changes fields. Train with:
 
@@ -13,6 +13,11 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # How the model trains (jaxcap/trainers/): 'images' (encoder and decoder on images, one
+  # jitted step per host batch), 'features' (the decoder alone on cached embeddings of a frozen
+  # encoder, resident on the devices) or 'scst' (self-critical fine-tuning of the decoder of
+  # scst.init_from, on cached embeddings).
+  config.trainer = 'images'
   # Global batch size, summed over all devices and hosts.
   config.batch_size = 128
   config.num_train_steps = 20_000
@@ -108,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Time steps per iteration of the LSTM's scan; 1 is fastest on CPU.
   model.lstm_unroll = 1
   # Dropout on the decoder's word embeddings and LSTM outputs during cross-entropy training
-  # (not in evaluation or self-critical training). 0 keeps the course model.
+  # (not in evaluation or self-critical training). 0: none.
   model.dropout = 0.0
   # Compute dtype, 'float32' or 'bfloat16'; parameters and optimizer state stay float32.
   model.dtype = 'float32'
@@ -135,10 +140,8 @@ def get_config() -> ml_collections.ConfigDict:
   dec.temperature = 1.0
 
   config.features = feat = ml_collections.ConfigDict()
-  # True: encode every image once into a feature cache (scripts/extract_features.py, or at the
-  # start of training), then train the decoder alone on the cached embeddings, resident on the
-  # devices. Needs a frozen encoder (model.train_encoder=False).
-  feat.enabled = False
+  # The feature cache of the 'features' and 'scst' trainers: every image encoded once by the
+  # frozen encoder (scripts/extract_features.py, or at the start of training).
   # Where the cache lives; None: WORKDIR/features.
   feat.cache_dir = ml_collections.config_dict.placeholder(str)
   # On-disk dtype of the embeddings ('float16' halves the size; 'float32' is exact).
@@ -149,16 +152,15 @@ def get_config() -> ml_collections.ConfigDict:
   feat.batches_per_part = 20
 
   config.resident = res = ml_collections.ConfigDict()
-  # Decoder training on device-resident cached features (jaxcap/resident.py): optimizer steps
+  # The 'features' and 'scst' trainers (jaxcap/trainers/resident.py): optimizer steps
   # per jitted call. Logging, checkpoint and evaluation intervals are multiples of it.
   res.steps_per_call = 100
 
   config.scst = scst = ml_collections.ConfigDict()
-  # Self-critical training (jaxcap/scst.py): fine-tunes the decoder of a cross-entropy run with
-  # the policy gradient of its sampled captions' CIDEr-D, computed on the device. Runs on cached
-  # features (features.enabled=True, model.train_encoder=False), resident.steps_per_call steps
-  # per call; config.batch_size counts images, each with num_samples sampled captions.
-  scst.enabled = False
+  # The 'scst' trainer (jaxcap/trainers/scst.py): fine-tunes the decoder of a cross-entropy run
+  # with the policy gradient of its sampled captions' CIDEr-D, computed on the device, on cached
+  # features (model.train_encoder=False), resident.steps_per_call steps per call;
+  # config.batch_size counts images, each with num_samples sampled captions.
   # Workdir of the cross-entropy run to start from: its latest checkpoint (the encoder stays at
   # its weights) and its tokenizer. The model fields must be the same as that run's.
   scst.init_from = ml_collections.config_dict.placeholder(str)

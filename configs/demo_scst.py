@@ -2,8 +2,8 @@
   python scripts/train.py --config configs/demo.py --workdir workdirs/demo
   python scripts/train.py --config configs/demo_scst.py --workdir workdirs/demo_scst
 The demo's encoder stays at its trained weights: its embeddings are cached once, and the
-decoder trains on the device-computed CIDEr-D of its sampled captions (README, "Self-critical
-training").
+decoder trains on the device-computed CIDEr-D of its sampled captions (docs/training.md,
+"Self-critical training").
 """
 
 from configs import demo
@@ -11,12 +11,11 @@ from configs import demo
 
 def get_config():
   config = demo.get_config()
-  config.scst.enabled = True
+  config.trainer = 'scst'
   config.scst.init_from = 'workdirs/demo'
   config.scst.num_samples = 5
   config.scst.baseline = 'mean_of_others'
   # Self-critical training runs on the cached embeddings of the frozen encoder.
-  config.features.enabled = True
   config.model.train_encoder = False
   # Images per step, each with 5 samples: 160 captions. 1,100 steps: 4m45s on a 2-core Zen 3,
   # the wall time of the control (300 more cross-entropy steps of the demo, README).

@@ -1,5 +1,5 @@
 """Show and Tell on Flickr30k (Karpathy's splits: 29,000 train, 1,014 val, 1,000 test images,
-five captions each), the course decoder on a frozen InceptionV3, as configs/coco.py.
+five captions each), the Show-and-Tell decoder on a frozen InceptionV3, as configs/coco.py.
 
   python scripts/convert_weights.py --keras imagenet --output weights/inception_v3_notop
   python scripts/train.py --config configs/flickr30k.py --workdir workdirs/flickr30k \

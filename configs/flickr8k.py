@@ -1,5 +1,5 @@
 """Show and Tell on Flickr8k (Karpathy's splits: 6,000 train, 1,000 val, 1,000 test images, five
-captions each), the course decoder on a frozen InceptionV3, as configs/coco.py.
+captions each), the Show-and-Tell decoder on a frozen InceptionV3, as configs/coco.py.
 
   python scripts/convert_weights.py --keras imagenet --output weights/inception_v3_notop
   python scripts/train.py --config configs/flickr8k.py --workdir workdirs/flickr8k \

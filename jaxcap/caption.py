@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Sequence
 import os
-from typing import Iterable, Sequence
 
 import ml_collections
 import numpy as np
 
-from jaxcap import decode
-from jaxcap import inference
-from jaxcap import parallel
-from jaxcap import train_step as train_step_lib
+from jaxcap import predict
 from jaxcap.data import caption_files
 from jaxcap.data import input_pipeline
 
@@ -53,15 +51,10 @@ def image_from_bytes(data: bytes, image_size: int) -> np.ndarray:
   return input_pipeline.preprocess_image(image_size)({'image': image})['image'].numpy()
 
 
-def caption_paths(trained: inference.Trained, paths: Iterable[str]) -> list[tuple[str, dict]]:
+def caption_paths(trained: predict.Trained, paths: Iterable[str]) -> list[tuple[str, dict]]:
   """(path, {'caption': text, 'log_prob': the model's log-probability of it} or
   {'error': message}) for each path, in order."""
   config, mesh = trained.config, trained.mesh
-  decode_key = train_step_lib.named_key(config.seed, 'decode')
-  decode_fn = parallel.jit_data_parallel(
-      lambda state, images: decode.decode_with_log_probs(
-          state.apply_fn, state.variables, images, config.data.max_len, config.decode, decode_key),
-      mesh)
   results: dict[str, dict] = {}
   loaded: list[tuple[str, np.ndarray]] = []
   paths = list(paths)
@@ -72,13 +65,11 @@ def caption_paths(trained: inference.Trained, paths: Iterable[str]) -> list[tupl
       results[path] = {'error': f'not a readable image ({type(error).__name__}: {error})'}
   # One batch shape: all images up to eval.batch_size, rounded up to fill every device.
   batch_size = min(config.eval.batch_size, -(-max(len(loaded), 1) // mesh.size) * mesh.size)
+  predictor = predict.Predictor(config, mesh, (batch_size,))
   for start in range(0, len(loaded), batch_size):
     chunk = loaded[start:start + batch_size]
-    images = np.stack([image for _, image in chunk])
-    padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
-    padded[:len(chunk)] = images
-    tokens, log_probs = decode_fn(trained.state, parallel.shard_batch({'image': padded}, mesh)['image'])
-    texts = trained.tokenizer.decode(np.asarray(tokens)[:len(chunk)])
-    for (path, _), text, log_prob in zip(chunk, texts, np.asarray(log_probs)[:len(chunk)].tolist()):
+    outputs = predictor(trained.state, np.stack([image for _, image in chunk]))
+    texts = trained.tokenizer.decode(outputs['ids'])
+    for (path, _), text, log_prob in zip(chunk, texts, outputs['log_probs'].tolist()):
       results[path] = {'caption': text, 'log_prob': log_prob}
   return [(path, results[path]) for path in paths]

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state in WORKDIR/checkpoints."""
+"""Orbax checkpoints of the train state in WORKDIR/checkpoints; a checkpoint that does not
+restore is moved to WORKDIR/damaged_checkpoints (never deleted)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxcap import parallel
-from jaxcap.train_step import TrainState
-
-CHECKPOINT_DIRNAME = 'checkpoints'
-# Checkpoints that failed to restore are moved here (never deleted) for inspection.
-DAMAGED_DIRNAME = 'damaged_checkpoints'
+from jaxcap import workdir as workdir_lib
+from jaxcap.state import TrainState
 
 
 class CheckpointWriteError(OSError):
@@ -29,7 +27,7 @@ class CheckpointWriteError(OSError):
 def create_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   """Keeps the `keep` most recent checkpoints; Orbax writes each one atomically."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIRNAME),
+  return ocp.CheckpointManager(workdir_lib.checkpoint_dir(workdir),
                                options=options)
 
 
@@ -125,7 +123,7 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
   if jax.process_index() == 0:
     directory = os.fspath(manager.directory)
-    damaged = os.path.join(os.path.dirname(directory), DAMAGED_DIRNAME)
+    damaged = os.path.join(os.path.dirname(directory), workdir_lib.DAMAGED_CHECKPOINTS)
     os.makedirs(damaged, exist_ok=True)
     destination = os.path.join(damaged, f'{step}_{time.strftime("%Y%m%d-%H%M%S")}')
     shutil.move(os.path.join(directory, str(step)), destination)

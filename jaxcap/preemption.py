@@ -10,9 +10,9 @@ without `jax.distributed` stops at the step it is on.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import signal
 import threading
-from typing import Iterable
 
 import jax
 from jax.experimental import multihost_utils

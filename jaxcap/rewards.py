@@ -21,7 +21,8 @@ Design, exact for ids below 2**16 (keys are compared in full: no collisions):
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,8 @@ def _hash(prefix, last, num_slots: int, xp=np):
   return (h & xp.uint32(num_slots - 1)).astype(xp.int32)
 
 
-def _hash_table(prefix: np.ndarray, last: np.ndarray, df: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _hash_table(prefix: np.ndarray, last: np.ndarray,
+                df: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Linear-probing table of the keys (prefix, last) -> (rows (slots + window - 1, 3), each
   key's slot). Keys are placed one probe step per round, vectorised."""
   num_slots = max(_MIN_SLOTS, 1 << int(np.ceil(np.log2(max(4 * len(prefix), 1)))))
@@ -90,7 +92,7 @@ def _hash_table(prefix: np.ndarray, last: np.ndarray, df: np.ndarray) -> tuple[n
 class ImageReferences(NamedTuple):
   """Each image's references, laid out for the scorer (leading axes: image)."""
   tokens: np.ndarray | jax.Array   # (I, C, L) int32, PAD after the end and for missing references
-  norms: np.ndarray | jax.Array    # (I, C, MAX_N) float32 norm of each reference's tf-idf vector per n
+  norms: np.ndarray | jax.Array  # (I, C, MAX_N) float32 norm of each reference's tf-idf per n
   lengths: np.ndarray | jax.Array  # (I, C) float32 number of bigrams
   mask: np.ndarray | jax.Array     # (I, C) float32 1 for a real reference
 
@@ -109,7 +111,8 @@ def _windows(rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
   return keys, real
 
 
-def _unique_counts(groups: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _unique_counts(groups: np.ndarray,
+                   keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Distinct (group, key) pairs and how often each occurs."""
   if keys.size == 0:
     return groups[:0], keys[:0], np.zeros(0, np.int64)
@@ -139,7 +142,7 @@ class CiderD:
 
   @classmethod
   def from_padded(cls, tokens: np.ndarray, num_references: np.ndarray,
-                  vocab_size: int | None = None) -> 'CiderD':
+                  vocab_size: int | None = None) -> CiderD:
     """From (I, C, L) ids, PAD after each reference's end, the first num_references[i] real."""
     scorer = cls.__new__(cls)
     scorer._build(np.asarray(tokens, np.int64), np.asarray(num_references), vocab_size)
@@ -215,7 +218,8 @@ def gather_references(references: ImageReferences, image_index) -> ImageReferenc
   return ImageReferences(*(x[image_index] for x in references))
 
 
-def _find(rows: jax.Array, query_prefix: jax.Array, query_last: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _find(rows: jax.Array, query_prefix: jax.Array,
+          query_last: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Node (slot, -1 where absent) and df (0 where absent) of each key (query_prefix, query_last)."""
   num_rows = rows.shape[0]
   num_slots = _num_hash_slots(num_rows)
@@ -242,7 +246,8 @@ def scores(tables: NgramTables, references: ImageReferences, candidates: jax.Arr
   # Equal real n-grams, extended one position per n: candidate x candidate (N, Tn, Tn) and
   # candidate x references (N, C, Tn, Ln); which candidate positions start a real n-gram.
   real_1 = candidates != PAD_ID
-  same_1 = (candidates[:, :, None] == candidates[:, None, :]) & real_1[:, :, None] & real_1[:, None, :]
+  same_1 = (candidates[:, :, None] == candidates[:, None, :]) & real_1[:, :, None] & real_1[:,
+                                                                                            None, :]
   in_ref_1 = ((candidates[:, None, :, None] == ref_tokens[:, :, None, :]) &
               real_1[:, None, :, None] & (ref_tokens != PAD_ID)[:, :, None, :])
   real, same, in_ref = real_1, same_1, in_ref_1
@@ -263,13 +268,14 @@ def scores(tables: NgramTables, references: ImageReferences, candidates: jax.Arr
     idf = tables.log_num_documents - jnp.log(jnp.maximum(df, 1).astype(jnp.float32))
     count = jnp.sum(same, -1).astype(jnp.float32)
     earlier = jnp.tril(jnp.ones(same.shape[-2:], bool), -1)
-    first = real & ~jnp.any(same & earlier, -1)                               # One per distinct n-gram.
+    first = real & ~jnp.any(same & earlier, -1)  # One per distinct n-gram.
     ref_count = jnp.sum(in_ref, -1).astype(jnp.float32)                       # (N, C, Tn)
     value = count * idf
     norm = jnp.sqrt(jnp.sum(jnp.where(first, value ** 2, 0.0), -1))           # (N,)
     ref_value = ref_count * idf[:, None, :]
-    overlap = jnp.sum(jnp.where(first[:, None, :], jnp.minimum(value[:, None, :], ref_value) * ref_value,
-                                0.0), -1)                                   # (N, C)
+    overlap = jnp.sum(
+        jnp.where(first[:, None, :],
+                  jnp.minimum(value[:, None, :], ref_value) * ref_value, 0.0), -1)  # (N, C)
     ref_norm = references.norms[..., n - 1]
     both = (norm[:, None] > 0) & (ref_norm > 0)
     per_n.append(jnp.where(both, overlap / jnp.where(both, norm[:, None] * ref_norm, 1.0), overlap))

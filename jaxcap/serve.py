@@ -14,16 +14,13 @@ Bad input gets a 4xx JSON {"error": ...} naming the problem; the server keeps se
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import functools
 import io
-import json
 import logging
 import os
 import time
 from typing import Any
-import urllib.request
 
 from aiohttp import web
 import jax
@@ -31,9 +28,8 @@ import numpy as np
 from PIL import Image
 
 from jaxcap import caption
-from jaxcap import decode
-from jaxcap import inference
 from jaxcap import parallel
+from jaxcap import predict
 
 _PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve_page.html')
 # Content types taken as image bytes; anything else is refused with 415.
@@ -54,56 +50,28 @@ class RequestError(Exception):
     self.status = status
 
 
-def batch_sizes(largest: int) -> tuple[int, ...]:
-  """The batch shapes compiled at start-up: 1, 4, 16, ... and `largest` itself."""
-  sizes, size = [], 1
-  while size < largest:
-    sizes.append(size)
-    size *= 4
-  return tuple(sizes + [largest])
+class CaptionService:
+  """The trained model on one device: the greedy caption and the beam hypotheses of a batch of
+  images, compiled at start-up for each of `predict.batch_sizes(max_batch)`."""
 
-
-class Captioner:
-  """The trained model on one device: greedy caption and beam hypotheses of a batch of images,
-  one jitted function, compiled for each of `batch_sizes` (a batch is padded to the next)."""
-
-  def __init__(self, trained: inference.Trained, max_batch: int, beam_size: int):
-    config = trained.config
-    self.tokenizer, self.image_size = trained.tokenizer, config.data.image_size
+  def __init__(self, trained: predict.Trained, max_batch: int, beam_size: int):
+    self.tokenizer, self.image_size = trained.tokenizer, trained.config.data.image_size
     self.step, self.beam_size = int(trained.state.step), beam_size
-    self.sizes = batch_sizes(max_batch)
-    device = jax.local_devices()[0]
-    state = jax.device_put(jax.device_get(trained.state), device)
-    max_len, apply_fn = config.data.max_len, state.apply_fn
-    greedy = config.decode.copy_and_resolve_references()
-    greedy.method = 'greedy'
-
-    @functools.partial(jax.jit, compiler_options=parallel.compiler_options(device.platform))
-    def captions(variables, images):
-      greedy_ids, greedy_log_probs = decode.decode_with_log_probs(
-          apply_fn, variables, images, max_len, greedy)
-      beam_ids, beam_log_probs = decode.beam_hypotheses(
-          apply_fn, variables, images, max_len, beam_size, config.decode.length_penalty)
-      return greedy_ids, greedy_log_probs, beam_ids, beam_log_probs
-
-    self._variables = state.variables
-    self._compiled = {
-        size: captions.lower(self._variables, jax.ShapeDtypeStruct(
-            (size, self.image_size, self.image_size, 3), np.float32)).compile()
-        for size in self.sizes}
+    self.sizes = predict.batch_sizes(max_batch)
+    self._predictor = predict.Predictor(
+        trained.config, parallel.make_mesh(jax.local_devices()[:1]), self.sizes,
+        method='greedy', beam_hypotheses=beam_size)
+    self._state = self._predictor.place(jax.device_get(trained.state))
+    self._predictor.compile(self._state)
 
   def __call__(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-    size = next(s for s in self.sizes if s >= len(images))
-    batch = np.zeros((size, self.image_size, self.image_size, 3), np.float32)
-    batch[:len(images)] = images
-    greedy_ids, greedy_log_probs, beam_ids, beam_log_probs = jax.device_get(
-        self._compiled[size](self._variables, batch))
-    n = len(images)
-    greedy_texts = self.tokenizer.decode(greedy_ids[:n])
-    beam_texts = self.tokenizer.decode(beam_ids[:n].reshape(n * self.beam_size, -1))
-    return [{'greedy': {'caption': greedy_texts[i], 'log_prob': float(greedy_log_probs[i])},
-             'beam': [{'caption': beam_texts[i * self.beam_size + k],
-                       'log_prob': float(beam_log_probs[i, k])} for k in range(self.beam_size)]}
+    outputs = self._predictor(self._state, np.stack(images))
+    n, k = len(images), self.beam_size
+    greedy_texts = self.tokenizer.decode(outputs['ids'])
+    beam_texts = self.tokenizer.decode(outputs['beam_ids'].reshape(n * k, -1))
+    return [{'greedy': {'caption': greedy_texts[i], 'log_prob': float(outputs['log_probs'][i])},
+             'beam': [{'caption': beam_texts[i * k + j],
+                       'log_prob': float(outputs['beam_log_probs'][i, j])} for j in range(k)]}
             for i in range(n)]
 
 
@@ -133,8 +101,8 @@ def check_image(data: bytes, content_type: str, limits: Limits) -> None:
 class Batcher:
   """Collects images from concurrent requests and captions them in batches."""
 
-  def __init__(self, captioner: Captioner):
-    self.captioner = captioner
+  def __init__(self, service: CaptionService):
+    self.service = service
     self.queue: asyncio.Queue = asyncio.Queue()
 
   async def caption(self, image: np.ndarray) -> tuple[dict[str, Any], int]:
@@ -144,14 +112,14 @@ class Batcher:
 
   async def run(self) -> None:
     loop = asyncio.get_running_loop()
-    largest = self.captioner.sizes[-1]
+    largest = self.service.sizes[-1]
     while True:
       waiting = [await self.queue.get()]
       while len(waiting) < largest and not self.queue.empty():
         waiting.append(self.queue.get_nowait())
       images = [image for image, _ in waiting]
       try:
-        results = await loop.run_in_executor(None, self.captioner, images)
+        results = await loop.run_in_executor(None, self.service, images)
       except Exception as error:  # pylint: disable=broad-except
         logging.exception('captioning a batch of %d failed', len(images))
         for _, future in waiting:
@@ -167,9 +135,9 @@ def _error(status: int, message: str) -> web.Response:
   return web.json_response({'error': message}, status=status)
 
 
-def make_app(captioner: Captioner, limits: Limits = Limits()) -> web.Application:
+def make_app(service: CaptionService, limits: Limits = Limits()) -> web.Application:
   """The aiohttp application: the page, the API, and the batcher running with it."""
-  batcher = Batcher(captioner)
+  batcher = Batcher(service)
   with open(_PAGE, encoding='utf-8') as f:
     page = f.read()
 
@@ -188,13 +156,13 @@ def make_app(captioner: Captioner, limits: Limits = Limits()) -> web.Application
     try:
       check_image(data, request.content_type, limits)
       image = await asyncio.get_running_loop().run_in_executor(
-          None, caption.image_from_bytes, data, captioner.image_size)
+          None, caption.image_from_bytes, data, service.image_size)
     except RequestError as error:
       return _error(error.status, str(error))
     except (OSError, ValueError) as error:  # A truncated or corrupt image.
       return _error(400, f'not a readable image ({type(error).__name__}: {error})')
     result, batch_size = await batcher.caption(image)
-    return web.json_response({**result, 'step': captioner.step, 'batch_size': batch_size,
+    return web.json_response({**result, 'step': service.step, 'batch_size': batch_size,
                               'seconds': time.perf_counter() - start})
 
   async def start_batcher(app: web.Application):
@@ -209,40 +177,15 @@ def make_app(captioner: Captioner, limits: Limits = Limits()) -> web.Application
   return app
 
 
-def serve(trained: inference.Trained, workdir: str, *, host: str = '127.0.0.1', port: int = 8080,
+def serve(trained: predict.Trained, workdir: str, *, host: str = '127.0.0.1', port: int = 8080,
           max_batch: int | None = None, beam_size: int | None = None,
           limits: Limits = Limits()) -> None:
   """Compiles the model restored from `workdir` and serves it until interrupted."""
   config = trained.config
   max_batch = max_batch or config.eval.batch_size
   start = time.perf_counter()
-  captioner = Captioner(trained, max_batch, beam_size or config.decode.beam_size)
-  print(f'Compiled for batches of {", ".join(map(str, captioner.sizes))} in '
-        f'{time.perf_counter() - start:.1f} s; step {captioner.step} of {workdir}', flush=True)
-  web.run_app(make_app(captioner, limits), host=host, port=port,
+  service = CaptionService(trained, max_batch, beam_size or config.decode.beam_size)
+  print(f'Compiled for batches of {", ".join(map(str, service.sizes))} in '
+        f'{time.perf_counter() - start:.1f} s; step {service.step} of {workdir}', flush=True)
+  web.run_app(make_app(service, limits), host=host, port=port,
               print=functools.partial(print, flush=True))
-
-
-def load_test(url: str, images: list[bytes], clients: int, requests_per_client: int) -> dict:
-  """`clients` threads each POST `requests_per_client` images (in turn from `images`) to
-  URL/api/caption, one after another: captions/s over the whole run and latency percentiles."""
-  def client(index: int) -> list[tuple[float, int]]:
-    timings = []
-    for i in range(requests_per_client):
-      request = urllib.request.Request(
-          url.rstrip('/') + '/api/caption', data=images[(index + i * clients) % len(images)],
-          headers={'Content-Type': 'application/octet-stream'}, method='POST')
-      start = time.perf_counter()
-      with urllib.request.urlopen(request, timeout=600) as response:
-        batch_size = json.loads(response.read())['batch_size']
-      timings.append((time.perf_counter() - start, batch_size))
-    return timings
-
-  start = time.perf_counter()
-  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-    timings = [t for result in pool.map(client, range(clients)) for t in result]
-  elapsed = time.perf_counter() - start
-  latencies = np.array([t for t, _ in timings]) * 1000
-  return {'clients': clients, 'requests': len(timings), 'captions_per_sec': len(timings) / elapsed,
-          'latency_ms': {f'p{q}': float(np.percentile(latencies, q)) for q in (50, 90, 99)},
-          'mean_batch_size': float(np.mean([b for _, b in timings]))}

@@ -21,48 +21,58 @@ function (train steps with their scans unrolled; decode counts its token loop on
 peak from a large matrix product timed in the same run.
 """
 
+from collections.abc import Callable
 import functools
+import itertools
 import json
 import pathlib
-import sys
 import tempfile
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-
-from jaxcap import command_line  # pylint: disable=g-import-not-at-top
-from jaxcap import decode  # pylint: disable=g-import-not-at-top
-from jaxcap import host_memory  # pylint: disable=g-import-not-at-top
-from jaxcap import inference  # pylint: disable=g-import-not-at-top
-from jaxcap import parallel  # pylint: disable=g-import-not-at-top
-from jaxcap import resident  # pylint: disable=g-import-not-at-top
-from jaxcap import rewards  # pylint: disable=g-import-not-at-top
-from jaxcap import scst  # pylint: disable=g-import-not-at-top
-from jaxcap import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
-from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID  # pylint: disable=g-import-not-at-top
-from jaxcap.models import captioner  # pylint: disable=g-import-not-at-top
+from jaxcap import checkpoint
+from jaxcap import command_line
+from jaxcap import host_memory
+from jaxcap import parallel
+from jaxcap import predict
+from jaxcap import rewards
+from jaxcap import state as state_lib
+from jaxcap import train_step as train_step_lib
+from jaxcap.data.tokenizer import BOS_ID
+from jaxcap.data.tokenizer import EOS_ID
+from jaxcap.data.tokenizer import PAD_ID
+from jaxcap.models import captioner
+from jaxcap.trainers import features
+from jaxcap.trainers import images
+from jaxcap.trainers import resident
+from jaxcap.trainers import scst
 
 FLAGS = flags.FLAGS
 command_line.define_config_flag(help_string='Configuration file.')
-flags.DEFINE_enum('mode', 'train', ['decoder', 'decoder_resident', 'encoder', 'train', 'decode', 'pipeline',
-                                    'cider', 'scst', 'checkpoint'],
-                  'What to time.')
-flags.DEFINE_integer('embedding_dim', 2048, 'Image embedding size of the decoder mode (InceptionV3: 2048).')
+flags.DEFINE_enum('mode', 'train', [
+    'decoder', 'decoder_resident', 'encoder', 'train', 'decode', 'pipeline', 'cider', 'scst',
+    'checkpoint'
+], 'What to time.')
+flags.DEFINE_integer('embedding_dim', 2048,
+                     'Image embedding size of the decoder mode (InceptionV3: 2048).')
 flags.DEFINE_integer('batch_size', None, 'Global batch (default: config.batch_size).')
 flags.DEFINE_integer('vocab_size', 10_000, 'Vocabulary size of the synthetic model.')
 flags.DEFINE_integer('max_len', None, 'Caption length (default: config.data.max_len).')
 flags.DEFINE_integer('steps', 10, 'Timed steps (decoder_resident: rounded up to whole calls).')
 flags.DEFINE_integer('warmup', 2, 'Untimed calls first (compilation).')
-flags.DEFINE_integer('num_batches', 32, 'Decoder modes: distinct synthetic batches (x batch_size rows).')
-flags.DEFINE_integer('peak_matmul_size', 2048, 'Side of the square matrix product timed for the peak.')
-flags.DEFINE_string('workdir', None, 'pipeline mode: where the tokenizer is kept (default: a temporary folder).')
+flags.DEFINE_integer('num_batches', 32,
+                     'Decoder modes: distinct synthetic batches (x batch_size rows).')
+flags.DEFINE_integer('peak_matmul_size', 2048,
+                     'Side of the square matrix product timed for the peak.')
+flags.DEFINE_string('workdir', None,
+                    'pipeline mode: where the tokenizer is kept (default: a temporary folder).')
 flags.DEFINE_integer('checkpoint_every', 4, 'checkpoint mode: train steps between checkpoints.')
 flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
 
@@ -134,6 +144,11 @@ def _stateful(step_fn, state):
   return call
 
 
+def trainer_calls(trainer) -> list[Callable[[], Any]]:
+  """One call: a trainer's `steps_per_call` steps, its state kept (donated each time)."""
+  return [functools.partial(_stateful(trainer.run, trainer.state), trainer.steps_per_call)]
+
+
 def unrolled_step_flops(config, vocab_size: int, step_fn, state, batch) -> float:
   """FLOPs of a train step: XLA's cost analysis counts a loop body once, so the count is taken
   from the same step with the decoder's two scans (LSTM, chunked loss) unrolled."""
@@ -143,66 +158,63 @@ def unrolled_step_flops(config, vocab_size: int, step_fn, state, batch) -> float
   return flops_of(jax.jit(step_fn), (state.replace(apply_fn=model.apply), batch))
 
 
-def decoder_workload(config, mesh, batch_size: int, vocab_size: int, resident_steps: bool) -> Workload:
-  """Decoder steps on synthetic embeddings and COCO-like captions grouped by length."""
-  buckets = resident.check_length_buckets(config.data.length_buckets, config.data.max_len)
+def decoder_workload(config, mesh, batch_size: int, vocab_size: int,
+                     resident_steps: bool) -> Workload:
+  """Decoder steps on synthetic embeddings and COCO-like captions grouped by length: host
+  batches, or the 'features' trainer's steps on the same data resident on the devices."""
+  buckets = features.check_length_buckets(config.data.length_buckets, config.data.max_len)
   num_batches = max(FLAGS.steps, FLAGS.num_batches)
   tokens = synthetic_tokens(batch_size * num_batches, config.data.max_len, vocab_size)
   embedding = np.random.default_rng(1).normal(
       size=(len(tokens), FLAGS.embedding_dim)).astype(np.float32)
   model = captioner.create_model(config.model, vocab_size)
-  state = inference.initial_decoder_state(config, model, mesh, FLAGS.embedding_dim)
+  state = state_lib.initial_decoder_state(config, model, mesh, FLAGS.embedding_dim)
   decoder_step = functools.partial(train_step_lib.decoder_train_step, dropout_key=_DROPOUT_KEY)
-  step = parallel.jit_data_parallel(decoder_step, mesh, donate_state=True)
   # Host batches as a length-grouping input pipeline makes them.
-  grouped = np.argsort(resident.bucket_index(tokens, buckets), kind='stable').reshape(num_batches, batch_size)
-  batches = [parallel.shard_batch(resident.trim_to_bucket(
+  grouped = np.argsort(features.bucket_index(tokens, buckets), kind='stable').reshape(
+      num_batches, batch_size)
+  batches = [parallel.shard_batch(features.trim_to_bucket(
       {'embedding': embedding[rows], 'tokens': tokens[rows]}, buckets), mesh) for rows in grouped]
   # One count per batch shape (bucket length), weighted by how many batches have it.
   batch_of_length = {batch['tokens'].shape[1]: batch for batch in batches}
-  flops_of_length = {length: unrolled_step_flops(config, vocab_size, decoder_step,
-                                                 state, batch) for length, batch in batch_of_length.items()}
+  flops_of_length = {length: unrolled_step_flops(config, vocab_size, decoder_step, state, batch)
+                     for length, batch in batch_of_length.items()}
   flops = np.mean([flops_of_length[batch['tokens'].shape[1]] for batch in batches])
   tokens_per_step = float((tokens[:, 1:] != PAD_ID).sum()) / num_batches
   if not resident_steps:
-    run = _stateful(step, state)
+    run = _stateful(parallel.jit_data_parallel(decoder_step, mesh, donate_state=True), state)
     return Workload([functools.partial(run, batch) for batch in batches], 1, flops, tokens_per_step)
-  steps_per_call = config.resident.steps_per_call
-  per_shard_batch = batch_size // mesh.size
-  data = resident.place(embedding, tokens, np.arange(len(tokens)), buckets, mesh)
-  order = resident.first_order(data, per_shard_batch)
-  seed_key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
-  train_steps = resident.jit_train_steps(buckets, per_shard_batch, steps_per_call)
-  holder = {'state': state, 'order': order}
+  trainer = features.make(state, embedding, tokens, np.arange(len(tokens)), config, mesh)
+  return Workload(trainer_calls(trainer), trainer.steps_per_call, flops, tokens_per_step)
 
-  def call():
-    holder['state'], holder['order'], metrics = train_steps(holder['state'], holder['order'], data, seed_key)
-    return metrics
-  return Workload([call], steps_per_call, flops, tokens_per_step)
+
+def synthetic_image_batch(config, mesh, tokens: np.ndarray) -> dict[str, jax.Array]:
+  """Uniform random images in [-1, 1] with `tokens`' captions, sharded over the mesh."""
+  size = config.data.image_size
+  image = np.random.default_rng(1).uniform(-1, 1, (len(tokens), size, size, 3))
+  return parallel.shard_batch({'image': image.astype(np.float32), 'tokens': tokens}, mesh)
 
 
 def image_workload(config, mesh, mode: str, batch_size: int, vocab_size: int) -> Workload:
   """Encoder, end-to-end train step or decoding on synthetic images."""
   model = captioner.create_model(config.model, vocab_size)
   tokens = synthetic_tokens(batch_size, config.data.max_len, vocab_size)
-  state = inference.initial_state(config, model, mesh)
-  size = config.data.image_size
-  batch = parallel.shard_batch({
-      'image': np.random.default_rng(1).uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
-      'tokens': tokens}, mesh)
+  state = state_lib.initial_state(config, model, mesh)
+  batch = synthetic_image_batch(config, mesh, tokens)
   if mode == 'train':
     train_step = functools.partial(train_step_lib.train_step, dropout_key=_DROPOUT_KEY)
-    step = parallel.jit_data_parallel(train_step, mesh, donate_state=True)
     flops = unrolled_step_flops(config, vocab_size, train_step, state, batch)
-    return Workload([functools.partial(_stateful(step, state), batch)], 1, flops,
-                    float((tokens[:, 1:] != PAD_ID).sum()))
+    trainer = images.make(state, itertools.repeat(batch), config, mesh)
+    return Workload(trainer_calls(trainer), 1, flops, float((tokens[:, 1:] != PAD_ID).sum()))
   if mode == 'encoder':
     fn = parallel.jit_data_parallel(
         lambda s, images: s.apply_fn(s.variables, images, method='encode'), mesh)
   else:
-    fn = parallel.jit_data_parallel(lambda s, images: decode.decode(
-        s.apply_fn, s.variables, images, config.data.max_len, config.decode, jax.random.key(0)), mesh)
-  return Workload([functools.partial(fn, state, batch['image'])], 1, flops_of(fn, (state, batch['image'])))
+    captions = predict.caption_fn(config)
+    fn = parallel.jit_data_parallel(lambda s, images: captions(s.apply_fn, s.variables, images),
+                                    mesh)
+  return Workload([functools.partial(fn, state, batch['image'])], 1,
+                  flops_of(fn, (state, batch['image'])))
 
 
 _REFERENCES_PER_IMAGE = 5
@@ -219,10 +231,12 @@ def cider_workload(config, batch_size: int, vocab_size: int) -> tuple[Workload, 
   are a reference with a third of its words replaced, so n-grams of every order match."""
   references = _synthetic_references(batch_size, config.data.max_len, vocab_size)
   rng = np.random.default_rng(3)
-  candidates = references[np.arange(batch_size), rng.integers(0, _REFERENCES_PER_IMAGE, batch_size)].copy()
+  candidates = references[np.arange(batch_size),
+                          rng.integers(0, _REFERENCES_PER_IMAGE, batch_size)].copy()
   replace = (rng.random(candidates.shape) < 1 / 3) & (candidates > EOS_ID)
   candidates[replace] = rng.integers(4, vocab_size, replace.sum())
-  scorer = rewards.CiderD.from_padded(references, np.full(batch_size, _REFERENCES_PER_IMAGE), vocab_size)
+  scorer = rewards.CiderD.from_padded(references, np.full(batch_size, _REFERENCES_PER_IMAGE),
+                                      vocab_size)
   gathered = jax.device_put(rewards.gather_references(scorer.references, np.arange(batch_size)))
   tables, device_candidates = jax.device_put(scorer.tables), jax.device_put(candidates)
   score = jax.jit(rewards.scores)
@@ -230,7 +244,7 @@ def cider_workload(config, batch_size: int, vocab_size: int) -> tuple[Workload, 
                       flops_of(score, (tables, gathered, device_candidates)))
   extra = {'references_per_image': _REFERENCES_PER_IMAGE}
   try:
-    from pycocoevalcap.cider import cider_scorer  # pylint: disable=g-import-not-at-top
+    from pycocoevalcap.cider import cider_scorer
   except ImportError:
     return workload, extra
   words = lambda ids: ' '.join(str(i) for i in ids if i != PAD_ID)
@@ -246,25 +260,24 @@ def cider_workload(config, batch_size: int, vocab_size: int) -> tuple[Workload, 
   return workload, extra
 
 
-def scst_workload(config, mesh, batch_size: int, vocab_size: int) -> tuple[Workload, dict[str, float]]:
+def scst_workload(config, mesh, batch_size: int,
+                  vocab_size: int) -> tuple[Workload, dict[str, float]]:
   """Self-critical steps (config.scst) on synthetic cached embeddings and references, K per
   call; also times the step's two reward computations alone, on inputs of the same shapes."""
   num_images = batch_size * max(FLAGS.num_batches, 1)
   references = _synthetic_references(num_images, config.data.max_len, vocab_size)
-  scorer = rewards.CiderD.from_padded(references, np.full(num_images, _REFERENCES_PER_IMAGE), vocab_size)
-  embedding = np.random.default_rng(1).normal(size=(num_images, FLAGS.embedding_dim)).astype(np.float32)
+  scorer = rewards.CiderD.from_padded(references, np.full(num_images, _REFERENCES_PER_IMAGE),
+                                      vocab_size)
+  embedding = np.random.default_rng(1).normal(size=(num_images,
+                                                    FLAGS.embedding_dim)).astype(np.float32)
+  model = captioner.create_model(config.model, vocab_size)
+  state = state_lib.initial_decoder_state(config, model, mesh, FLAGS.embedding_dim)
+  # FLOPs of one step, on the data as the trainer places it.
   data = scst.place(embedding, scorer.references, mesh, captioner.DTYPES[config.model.dtype])
   tables = jax.device_put(scorer.tables, parallel.replicated(mesh))
-  model = captioner.create_model(config.model, vocab_size)
-  state = inference.initial_decoder_state(config, model, mesh, FLAGS.embedding_dim)
-  seed_key = jax.device_put(jax.random.key(0), parallel.replicated(mesh))
-  settings = dict(per_shard_batch=batch_size // mesh.size, num_samples=config.scst.num_samples,
-                  baseline=config.scst.baseline, temperature=config.scst.temperature,
-                  max_len=config.scst.max_len)
-  steps_per_call = config.resident.steps_per_call
-  train_steps = scst.jit_scst_steps(steps_per_call, **settings)
-  flops = flops_of(scst.jit_scst_steps(1, **settings), (state, data, tables, seed_key))
-  call = _stateful(train_steps, state)
+  one_step = resident.jit_steps(scst.config_step(config, batch_size // mesh.size))(1)
+  flops = flops_of(one_step, (state, data, tables, resident.seed_key(config, mesh)))
+  trainer = scst.make(state, embedding, scorer, config, mesh)
 
   # The reward alone: samples (B * S) and greedy captions (B) of the step's lengths.
   samples = batch_size * config.scst.num_samples
@@ -276,9 +289,9 @@ def scst_workload(config, mesh, batch_size: int, vocab_size: int) -> tuple[Workl
   score = jax.jit(rewards.scores)
   reward_seconds = time_calls([functools.partial(score, tables, gathered, candidates)],
                               max(FLAGS.steps, 3), FLAGS.warmup)
-  return (Workload([functools.partial(call, data, tables, seed_key)], steps_per_call, flops),
+  return (Workload(trainer_calls(trainer), trainer.steps_per_call, flops),
           {'reward_seconds_per_step': reward_seconds, 'num_samples': config.scst.num_samples,
-           'baseline': config.scst.baseline, 'steps_per_call': steps_per_call})
+           'baseline': config.scst.baseline, 'steps_per_call': trainer.steps_per_call})
 
 
 def checkpoint_stall(config, mesh, batch_size: int, vocab_size: int) -> dict[str, Any]:
@@ -286,17 +299,14 @@ def checkpoint_stall(config, mesh, batch_size: int, vocab_size: int) -> dict[str
   worth) that saves every
   --checkpoint_every steps, with the loop's finite-loss check (a device sync) at each save point
   in every variant; the variants are interleaved, twice, and the faster of each is kept."""
-  from jaxcap import checkpoint  # pylint: disable=g-import-not-at-top
   model = captioner.create_model(config.model, vocab_size)
-  size = config.data.image_size
-  batch = parallel.shard_batch({
-      'image': np.random.default_rng(1).uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
-      'tokens': synthetic_tokens(batch_size, config.data.max_len, vocab_size)}, mesh)
-  step = parallel.jit_data_parallel(
-      functools.partial(train_step_lib.train_step, dropout_key=_DROPOUT_KEY), mesh, donate_state=True)
-  holder = {'state': inference.initial_state(config, model, mesh)}
-  jax.block_until_ready(step(holder['state'], batch))  # Compiled (the state was donated).
-  holder['state'] = inference.initial_state(config, model, mesh)
+  batch = synthetic_image_batch(
+      config, mesh, synthetic_tokens(batch_size, config.data.max_len, vocab_size))
+  trainer = images.make(state_lib.initial_state(config, model, mesh), itertools.repeat(batch),
+                        config, mesh)
+  holder = {'state': trainer.state}
+  jax.block_until_ready(trainer.run(holder['state'], 1))  # Compiled (the state was donated).
+  holder['state'] = state_lib.initial_state(config, model, mesh)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(holder['state']))
   every = FLAGS.checkpoint_every
   steps = max(FLAGS.steps, every)  # At least one checkpoint.
@@ -307,7 +317,7 @@ def checkpoint_stall(config, mesh, batch_size: int, vocab_size: int) -> dict[str
       checkpoints = checkpoint.Checkpoints(workdir, keep=2)
       start = time.perf_counter()
       for i in range(1, steps + 1):
-        holder['state'], metrics = step(holder['state'], batch)
+        holder['state'], metrics = trainer.run(holder['state'], 1)
         if i % every == 0:
           jax.device_get(metrics['finite'])
           if saving != 'none':
@@ -325,17 +335,24 @@ def checkpoint_stall(config, mesh, batch_size: int, vocab_size: int) -> dict[str
       runs[saving].append(loop(saving))
   best = {saving: min(times) for saving, times in runs.items()}
   saves = steps // every
-  return {'state_bytes': state_bytes, 'steps': steps, 'checkpoints': saves, 'checkpoint_every': every,
-          'loop_seconds': {saving: seconds for saving, (seconds, _) in best.items()},
-          'seconds_per_checkpoint_sync': (best['sync'][0] - best['none'][0]) / saves,
-          'seconds_per_checkpoint_async': (best['async'][0] - best['none'][0]) / saves,
-          'final_wait_seconds_async': best['async'][1]}
+  return {
+      'state_bytes': state_bytes,
+      'steps': steps,
+      'checkpoints': saves,
+      'checkpoint_every': every,
+      'loop_seconds': {
+          saving: seconds for saving, (seconds, _) in best.items()
+      },
+      'seconds_per_checkpoint_sync': (best['sync'][0] - best['none'][0]) / saves,
+      'seconds_per_checkpoint_async': (best['async'][0] - best['none'][0]) / saves,
+      'final_wait_seconds_async': best['async'][1]
+  }
 
 
 def pipeline_workload(config, batch_size: int) -> Workload:
   """The training input pipeline alone (TensorFlow is imported here only): the dataset is
   built or found as training would, the tokenizer kept in --workdir."""
-  from jaxcap.data import prepare  # pylint: disable=g-import-not-at-top
+  from jaxcap.data import prepare
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='jaxcap_benchmark_')
   batches = prepare.train_batches(prepare.prepare(config, workdir), config, batch_size)
   return Workload([lambda: next(batches)], 1, 0.0)
@@ -348,7 +365,7 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.max_len:
     config.data.max_len = FLAGS.max_len
-  batch_size = FLAGS.batch_size or config.batch_size
+  batch_size = config.batch_size = FLAGS.batch_size or config.batch_size
   mode = FLAGS.mode
   extra: dict[str, Any] = {}
   if mode == 'checkpoint':
@@ -367,7 +384,8 @@ def main(argv):
     mesh = parallel.make_mesh()
     parallel.check_batch_size(batch_size, mesh, 'batch_size (--batch_size)')
     if mode in ('decoder', 'decoder_resident'):
-      workload = decoder_workload(config, mesh, batch_size, FLAGS.vocab_size, mode == 'decoder_resident')
+      workload = decoder_workload(config, mesh, batch_size, FLAGS.vocab_size,
+                                  mode == 'decoder_resident')
     elif mode == 'scst':
       workload, extra = scst_workload(config, mesh, batch_size, FLAGS.vocab_size)
     else:
@@ -389,8 +407,11 @@ def main(argv):
         'image_size': config.data.image_size, 'encoder': config.model.encoder,
         'decode': config.decode.to_dict()})
   if mode in ('decoder', 'decoder_resident'):
-    results.update({'length_buckets': list(config.data.length_buckets),
-                    'steps_per_call': workload.steps_per_call, 'embedding_dim': FLAGS.embedding_dim})
+    results.update({
+        'length_buckets': list(config.data.length_buckets),
+        'steps_per_call': workload.steps_per_call,
+        'embedding_dim': FLAGS.embedding_dim
+    })
   if workload.tokens_per_step is not None:
     results['tokens_per_sec'] = workload.tokens_per_step / seconds
   results.update(extra)

@@ -9,16 +9,14 @@ gets a one-line error on stderr; the others are still captioned, and the exit co
 
 import json
 import logging as std_logging
-import pathlib
 import sys
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from jaxcap import caption  # pylint: disable=g-import-not-at-top
-from jaxcap import host_memory  # pylint: disable=g-import-not-at-top
-from jaxcap import inference  # pylint: disable=g-import-not-at-top
+from jaxcap import caption
+from jaxcap import host_memory
+from jaxcap import predict
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir.')
@@ -36,7 +34,7 @@ def main(argv):
   if not paths:
     raise app.UsageError('Give image files or folders to caption.')
   std_logging.getLogger().setLevel(std_logging.WARNING)
-  trained = inference.restore_or_exit(FLAGS.workdir, FLAGS.step)
+  trained = predict.restore_or_exit(FLAGS.workdir, FLAGS.step)
   caption.set_decoding(trained.config, beam=FLAGS.beam, temperature=FLAGS.temperature)
   results = caption.caption_paths(trained, caption.expand_paths(paths))
   if FLAGS.json:

@@ -1,6 +1,7 @@
 """Converts Keras InceptionV3 weights to a directory the captioner loads.
 
-  python scripts/convert_weights.py --keras inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 \
+  python scripts/convert_weights.py \
+      --keras inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 \
       --output weights/inception_v3_notop
   python scripts/convert_weights.py --keras imagenet --output weights/inception_v3_notop
 
@@ -9,13 +10,11 @@ Then train with `--config.model.encoder_weights=weights/inception_v3_notop`.
 """
 
 import pathlib
-import sys
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from jaxcap.models import inception_v3  # pylint: disable=g-import-not-at-top
+from jaxcap.models import inception_v3
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('keras', None, "A Keras weights file (.h5 or .weights.h5), or 'imagenet'.")
@@ -26,8 +25,8 @@ flags.mark_flags_as_required(['keras', 'output'])
 
 def download_imagenet_weights(include_top: bool) -> str:
   """The path of Keras' ImageNet file, downloaded into ~/.keras/models if not there yet."""
-  import keras  # pylint: disable=g-import-not-at-top
-  from keras.src.applications import inception_v3 as keras_inception  # pylint: disable=g-import-not-at-top
+  import keras
+  from keras.src.applications import inception_v3 as keras_inception
   url = keras_inception.WEIGHTS_PATH if include_top else keras_inception.WEIGHTS_PATH_NO_TOP
   try:
     return keras.utils.get_file(url.rsplit('/', 1)[-1], url, cache_subdir='models')
@@ -49,7 +48,8 @@ def main(argv):
     variables = inception_v3.load_keras_weights(source, include_top=FLAGS.include_top)
   except inception_v3.WeightsError as error:
     raise SystemExit(f'Conversion failed: {error}') from error
-  inception_v3.save_pretrained(variables, FLAGS.output, source=source, include_top=FLAGS.include_top)
+  inception_v3.save_pretrained(
+      variables, FLAGS.output, source=source, include_top=FLAGS.include_top)
   manifest = inception_v3.read_manifest(FLAGS.output)
   print(f'Wrote {FLAGS.output}: {manifest}')
 

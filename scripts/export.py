@@ -9,16 +9,14 @@ training, the model and its decoding method (the config's, or --beam/--greedy) a
 """
 
 import logging as std_logging
-import pathlib
-import sys
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from jaxcap import caption  # pylint: disable=g-import-not-at-top
-from jaxcap import export  # pylint: disable=g-import-not-at-top
-from jaxcap import inference  # pylint: disable=g-import-not-at-top
+from jaxcap import caption
+from jaxcap import evaluate
+from jaxcap import export
+from jaxcap import predict
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir.')
@@ -35,13 +33,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   std_logging.getLogger().setLevel(std_logging.WARNING)
-  trained = inference.restore_or_exit(FLAGS.workdir, FLAGS.step)
+  trained = predict.restore_or_exit(FLAGS.workdir, FLAGS.step)
   if FLAGS.greedy:
     trained.config.decode.method = 'greedy'
   caption.set_decoding(trained.config, beam=FLAGS.beam)
   export.export(trained, FLAGS.output, FLAGS.batch_size)
-  decoding = trained.config.decode
-  method = decoding.method + (str(decoding.beam_size) if decoding.method == 'beam' else '')
+  method = evaluate.decoding_name(trained.config.decode)
   print(f'{FLAGS.output}: SavedModel of step {int(trained.state.step)}, {method} decoding; '
         f"signature '{export.SIGNATURE}': images (encoded bytes) -> captions, log_probs")
 

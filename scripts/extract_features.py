@@ -1,31 +1,32 @@
 """Encodes every image of the training and evaluation splits once into the feature cache.
 
-  python scripts/extract_features.py --config configs/coco_features.py --workdir workdirs/coco_features
+  python scripts/extract_features.py --config configs/coco_features.py \
+      --workdir workdirs/coco_features
 
-Training with `config.features.enabled` does this itself when the cache is missing; running it
-first lets you size and time it. Interrupted, it resumes after its last complete part; a cache
-made by another encoder, image size or preprocessing is rebuilt.
+Training with `config.trainer='features'` (or 'scst') does this itself when the cache is
+missing; running it first lets you size and time it. Interrupted, it resumes after its last
+complete part; a cache made by another encoder, image size or preprocessing is rebuilt.
 """
 
-import pathlib
-import sys
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
-from jaxcap import command_line  # pylint: disable=g-import-not-at-top
-from jaxcap import host_memory  # pylint: disable=g-import-not-at-top
-from jaxcap import parallel  # pylint: disable=g-import-not-at-top
-from jaxcap.data import feature_cache  # pylint: disable=g-import-not-at-top
-from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
-from jaxcap.models import inception_v3  # pylint: disable=g-import-not-at-top
+from jaxcap import command_line
+from jaxcap import feature_cache
+from jaxcap import host_memory
+from jaxcap import parallel
+from jaxcap import workdir as workdir_lib
+from jaxcap.data import input_pipeline
+from jaxcap.models import inception_v3
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Training workdir (tokenizer; cache in WORKDIR/features by default).')
+flags.DEFINE_string('workdir', None,
+                    'Training workdir (tokenizer; cache in WORKDIR/features by default).')
 flags.mark_flag_as_required('workdir')
 command_line.define_config_flag(help_string='Training configuration file.')
-flags.DEFINE_list('splits', None, 'Splits to encode (default: the training split and the eval splits).')
+flags.DEFINE_list('splits', None,
+                  'Splits to encode (default: the training split and the eval splits).')
 
 
 def main(argv):
@@ -40,7 +41,7 @@ def main(argv):
     raise SystemExit(str(error)) from None
   for split, features in cached.items():
     print(f'{split}: {len(features.image_ids)} images, embeddings {features.embedding.shape[1]}-d '
-          f'{features.embedding.dtype} in {feature_cache.directory(config, FLAGS.workdir)}')
+          f'{features.embedding.dtype} in {workdir_lib.features_dir(config, FLAGS.workdir)}')
 
 
 if __name__ == '__main__':

@@ -3,23 +3,21 @@
   python scripts/prepare_data.py --config configs/coco.py --workdir workdirs/coco \
       --config.data.coco_dir=/data/coco --input_speed_batches=50
   python scripts/prepare_data.py --config configs/flickr8k.py --workdir workdirs/flickr8k \
-      --config.data.karpathy_json=/data/dataset_flickr8k.json --config.data.image_dir=/data/Flicker8k_Dataset
+      --config.data.karpathy_json=/data/dataset_flickr8k.json \
+      --config.data.image_dir=/data/Flicker8k_Dataset
 
 Training runs the same preparation; this shows what it found before any model is built.
 """
 
 import logging as std_logging
-import pathlib
-import sys
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from jaxcap import command_line  # pylint: disable=g-import-not-at-top
-from jaxcap.data import caption_files  # pylint: disable=g-import-not-at-top
-from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
-from jaxcap.data import prepare  # pylint: disable=g-import-not-at-top
+from jaxcap import command_line
+from jaxcap.data import caption_files
+from jaxcap.data import input_pipeline
+from jaxcap.data import prepare
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir whose tokenizer to train or check.')

@@ -8,16 +8,13 @@ concurrent requests are captioned together, up to --batch_size images per call.
 """
 
 import logging as std_logging
-import pathlib
-import sys
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from jaxcap import host_memory  # pylint: disable=g-import-not-at-top
-from jaxcap import inference  # pylint: disable=g-import-not-at-top
-from jaxcap import serve  # pylint: disable=g-import-not-at-top
+from jaxcap import host_memory
+from jaxcap import predict
+from jaxcap import serve
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir.')
@@ -36,7 +33,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   host_memory.keep_freed_memory()
   std_logging.getLogger().setLevel(std_logging.WARNING)
-  trained = inference.restore_or_exit(FLAGS.workdir, FLAGS.step)
+  trained = predict.restore_or_exit(FLAGS.workdir, FLAGS.step)
   serve.serve(trained, FLAGS.workdir, host=FLAGS.host, port=FLAGS.port,
               max_batch=FLAGS.batch_size, beam_size=FLAGS.beam,
               limits=serve.Limits(FLAGS.max_bytes, FLAGS.max_pixels))

@@ -8,21 +8,18 @@
 """
 
 import logging as std_logging
-import pathlib
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
-from jaxcap import checkpoint  # pylint: disable=g-import-not-at-top
-from jaxcap import command_line  # pylint: disable=g-import-not-at-top
-from jaxcap import host_memory  # pylint: disable=g-import-not-at-top
-from jaxcap import parallel  # pylint: disable=g-import-not-at-top
-from jaxcap import train  # pylint: disable=g-import-not-at-top
-from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
-from jaxcap.models import inception_v3  # pylint: disable=g-import-not-at-top
+from jaxcap import checkpoint
+from jaxcap import command_line
+from jaxcap import host_memory
+from jaxcap import parallel
+from jaxcap import train
+from jaxcap.data import input_pipeline
+from jaxcap.models import inception_v3
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, tokenizer, metrics and logs.')
@@ -32,7 +29,8 @@ flags.DEFINE_string('coordinator_address', None,
                     'Multi-host: host:port of process 0 (or $JAX_COORDINATOR_ADDRESS). Not needed '
                     'on Cloud TPU, SLURM or Open MPI, which JAX detects.')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes ($JAX_NUM_PROCESSES).')
-flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0 to num_processes - 1 ($JAX_PROCESS_ID).')
+flags.DEFINE_integer('process_id', None,
+                     'Multi-host: this process, 0 to num_processes - 1 ($JAX_PROCESS_ID).')
 
 
 # Libraries whose INFO lines (checkpoint and dataset internals) are hidden; jaxcap's metric

@@ -59,8 +59,8 @@ def find_or_install_chromium() -> tuple[str, str]:
 
 def headless_chromium(width: int = 1100, height: int = 900):
   """A selenium Chrome driver on Debian's chromium, headless, at this window size."""
-  from selenium import webdriver  # pylint: disable=g-import-not-at-top
-  from selenium.webdriver.chrome.service import Service  # pylint: disable=g-import-not-at-top
+  from selenium import webdriver
+  from selenium.webdriver.chrome.service import Service
   browser, driver = find_or_install_chromium()
   options = webdriver.ChromeOptions()
   options.binary_location = browser

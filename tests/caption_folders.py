@@ -83,7 +83,8 @@ def make_coco_dir(root: str, karpathy: bool = True) -> str:
 
   os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
   train_names = sorted(train_files) + ['COCO_train2014_000000000009.jpg']
-  for name, names, first_id in (('train2014', train_names, 1000), ('val2014', sorted(val_files), 5000)):
+  for name, names, first_id in (('train2014', train_names, 1000), ('val2014', sorted(val_files),
+                                                                   5000)):
     with open(os.path.join(root, 'annotations', f'captions_{name}.json'), 'w') as f:
       json.dump(annotations(names, first_id), f)
   if karpathy:

@@ -7,16 +7,19 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # Offline, for this process and every process a test starts: IP connections only to this
-# machine (tests/offline/sitecustomize.py, found on PYTHONPATH by each new interpreter).
+# machine (tests/offline/sitecustomize.py, found on PYTHONPATH by each new interpreter). The
+# repository root is there too: config files that tests write import `tests.conftest`.
 _OFFLINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'offline')
-os.environ['PYTHONPATH'] = os.pathsep.join(p for p in (_OFFLINE, os.environ.get('PYTHONPATH')) if p)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ['PYTHONPATH'] = os.pathsep.join(
+    p for p in (_OFFLINE, _ROOT, os.environ.get('PYTHONPATH')) if p)
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-sys.path.insert(0, _OFFLINE)
-import sitecustomize  # noqa: E402,F401  pylint: disable=unused-import
 
+sys.path.insert(0, _OFFLINE)
 import pytest  # noqa: E402
+import sitecustomize  # noqa: E402,F401  pylint: disable=unused-import
 
 from configs import default  # noqa: E402
 
@@ -77,8 +80,8 @@ def trained_workdir(tmp_path_factory, data_dir) -> str:
   """A workdir trained by scripts/train.py on tiny_config (6 steps, one CPU device), for the
   tests of what reads a trained workdir: gallery, export, caption server. Trained once per run,
   by the first worker that needs it (the others wait on a file lock)."""
-  import fcntl  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
+  import fcntl
+  import subprocess
   run_folder = _run_folder(tmp_path_factory)
   base = run_folder / 'trained'
   workdir = base / 'workdir'

@@ -26,11 +26,17 @@ def test_sampling_mode_without_tensorflow(tmp_path):
   code = _WITHOUT_TF.format(script=str(ROOT / 'scripts' / 'benchmark.py'))
   runs = [('decode', 'sample')]
   for mode, method in runs:
-    result = subprocess.run(
-        [sys.executable, '-c', code, '--config', str(ROOT / 'configs' / 'demo.py'), '--mode',
-         mode, '--batch_size', '8', '--steps', '1', '--warmup', '1', '--vocab_size', '50',
-         '--peak_matmul_size', '256', '--num_batches', '4', '--config.resident.steps_per_call=2', f'--config.decode.method={method}', '--json', str(output)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run([
+        sys.executable, '-c', code, '--config',
+        str(ROOT / 'configs' / 'demo.py'), '--mode', mode, '--batch_size', '8', '--steps', '1',
+        '--warmup', '1', '--vocab_size', '50', '--peak_matmul_size', '256', '--num_batches', '4',
+        '--config.resident.steps_per_call=2', f'--config.decode.method={method}', '--json',
+        str(output)
+    ],
+                            capture_output=True,
+                            text=True,
+                            timeout=300,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(output.read_text())
     assert results['mode'] == mode and results['decode']['method'] == method
@@ -45,11 +51,18 @@ def test_pipeline_mode_times_the_input(tmp_path, data_dir):
   output, config_file = tmp_path / 'result.json', tmp_path / 'tiny.py'
   config_file.write_text('from tests.conftest import tiny_config\n'
                          f'def get_config():\n  return tiny_config({data_dir!r})\n')
-  result = subprocess.run(
-      [sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--config', str(config_file), '--mode', 'pipeline',
-       '--batch_size', '8', '--steps', '2', '--warmup', '1', '--workdir', str(tmp_path), '--json', str(output)],
-      capture_output=True, text=True, timeout=300, cwd=tmp_path)
+  result = subprocess.run([
+      sys.executable,
+      str(ROOT / 'scripts' / 'benchmark.py'), '--config',
+      str(config_file), '--mode', 'pipeline', '--batch_size', '8', '--steps', '2', '--warmup', '1',
+      '--workdir',
+      str(tmp_path), '--json',
+      str(output)
+  ],
+                          capture_output=True,
+                          text=True,
+                          timeout=300,
+                          cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-2000:]
   results = json.loads(output.read_text())
   assert results['mode'] == 'pipeline' and results['examples_per_sec'] > 0
-

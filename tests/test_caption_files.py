@@ -17,6 +17,7 @@ from jaxcap.data import input_pipeline
 from jaxcap.data import prepare
 from tests import caption_folders
 
+
 def _coco_config(tmp_path, root, **files):
   config = coco_config.get_config()
   config.data.coco_dir, config.data.data_dir = root, str(tmp_path / 'tfds')
@@ -66,7 +67,11 @@ def test_split_rule_is_its_definition(fraction):
 
 
 def test_coco_folder_of_twenty_images_is_split_by_rule(tmp_path, caplog):
-  root = caption_folders.make_coco_format_dir(str(tmp_path / 'coco'), {'train2014': 12, 'val2014': 8})
+  root = caption_folders.make_coco_format_dir(
+      str(tmp_path / 'coco'), {
+          'train2014': 12,
+          'val2014': 8
+      })
   config = _coco_config(tmp_path, root)
   builder = input_pipeline.get_builder(config.data)
   assert _sizes(builder) == {'train': 12, 'val': 4, 'test': 4}  # Half of val2014 each.
@@ -102,7 +107,11 @@ def test_one_annotation_file_under_other_names(tmp_path):
 
 
 def test_an_empty_evaluation_split_stops_naming_it_and_the_rule(tmp_path):
-  root = caption_folders.make_coco_format_dir(str(tmp_path / 'coco'), {'train2014': 4, 'val2014': 1})
+  root = caption_folders.make_coco_format_dir(
+      str(tmp_path / 'coco'), {
+          'train2014': 4,
+          'val2014': 1
+      })
   config = _coco_config(tmp_path, root)
   with pytest.raises(caption_files.DataError) as error:
     prepare.prepare(config, str(tmp_path / 'workdir'))
@@ -158,7 +167,8 @@ def _break_entries(case, entries, image_dir):
   if case == 'unknown split':
     entries[5]['split'] = 'dev'
     sizes['train'] -= 1
-    return 'unknown split', "images[5].split is 'dev'; the schema has train, restval, val, test", sizes
+    message = "images[5].split is 'dev'; the schema has train, restval, val, test"
+    return 'unknown split', message, sizes
   raise ValueError(case)
 
 
@@ -216,10 +226,15 @@ def test_a_karpathy_json_out_of_schema_stops_and_builds_nothing(tmp_path, conten
 @pytest.mark.parametrize('mutate,message', [
     (lambda d: d.pop('annotations'), 'the file has no "annotations" field'),
     (lambda d: d['images'][1].pop('file_name'), 'images[1] has no "file_name" field'),
-    (lambda d: d['annotations'][3].update(image_id='7'), "annotations[3].image_id is '7', not a int"),
+    (lambda d: d['annotations'][3].update(image_id='7'),
+     "annotations[3].image_id is '7', not a int"),
 ])
 def test_coco_annotations_out_of_schema_stop_and_build_nothing(tmp_path, mutate, message):
-  root = caption_folders.make_coco_format_dir(str(tmp_path / 'coco'), {'train2014': 4, 'val2014': 3})
+  root = caption_folders.make_coco_format_dir(
+      str(tmp_path / 'coco'), {
+          'train2014': 4,
+          'val2014': 3
+      })
   path = os.path.join(root, 'annotations', 'captions_val2014.json')
   with open(path) as f:
     data = json.load(f)
@@ -233,7 +248,11 @@ def test_coco_annotations_out_of_schema_stop_and_build_nothing(tmp_path, mutate,
 
 
 def test_coco_image_listed_twice_keeps_the_first(tmp_path):
-  root = caption_folders.make_coco_format_dir(str(tmp_path / 'coco'), {'train2014': 4, 'val2014': 3})
+  root = caption_folders.make_coco_format_dir(
+      str(tmp_path / 'coco'), {
+          'train2014': 4,
+          'val2014': 3
+      })
   path = os.path.join(root, 'annotations', 'captions_val2014.json')
   with open(path) as f:
     data = json.load(f)
@@ -246,7 +265,11 @@ def test_coco_image_listed_twice_keeps_the_first(tmp_path):
 
 
 def test_a_split_whose_images_are_all_unreadable_stops_and_builds_nothing(tmp_path):
-  root = caption_folders.make_coco_format_dir(str(tmp_path / 'coco'), {'train2014': 4, 'val2014': 2})
+  root = caption_folders.make_coco_format_dir(
+      str(tmp_path / 'coco'), {
+          'train2014': 4,
+          'val2014': 2
+      })
   for name in os.listdir(os.path.join(root, 'val2014')):
     _write_json(os.path.join(root, 'val2014', name), 'not a JPEG')
   config = _coco_config(tmp_path, root)

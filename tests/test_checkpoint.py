@@ -12,7 +12,9 @@ import numpy as np
 
 from jaxcap import checkpoint
 from jaxcap import parallel
-from tests.test_train_step import _jit_step, _random_batch, _state
+from tests.test_train_step import _jit_step
+from tests.test_train_step import _random_batch
+from tests.test_train_step import _state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,7 +34,8 @@ def test_save_and_restore_round_trip(config, tmp_path):
   assert checkpoints.manager.all_steps() == [2, 3]
 
   fresh = _state(config, mesh)
-  assert checkpoint.restore_latest(checkpoint.create_manager(str(tmp_path / 'empty'), 2), fresh) is fresh
+  assert checkpoint.restore_latest(checkpoint.create_manager(str(tmp_path / 'empty'), 2),
+                                   fresh) is fresh
   restored = checkpoint.restore_latest(checkpoint.create_manager(str(tmp_path), 2), fresh)
   assert int(restored.step) == 3
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(written.params),
@@ -61,8 +64,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(config, tmp_path, 
   mesh = parallel.make_mesh(jax.devices()[:1])
   _saved_steps(config, mesh, str(tmp_path), 3)
   # Damage every data file of step 3, as a crash in mid-copy or a bad disk would.
-  damaged = [p for p in (tmp_path / 'checkpoints' / '3').rglob('*') if p.is_file() and p.stat().st_size > 0
-             and 'metadata' not in p.name]
+  damaged = [
+      p for p in (tmp_path / 'checkpoints' / '3').rglob('*')
+      if p.is_file() and p.stat().st_size > 0 and 'metadata' not in p.name
+  ]
   assert damaged
   for path in damaged:
     path.write_bytes(b'\0' * 7)
@@ -87,7 +92,8 @@ for seed in range(2):
   state, _ = step(state, parallel.shard_batch(_random_batch(config, 16, seed), mesh))
   checkpoints.save(state)
 checkpoints.wait()
-np.save(sys.argv[1] + '/kernel2.npy', jax.device_get(state.params['decoder']['bottleneck_to_logits']['kernel']))
+kernel = state.params['decoder']['bottleneck_to_logits']['kernel']
+np.save(sys.argv[1] + '/kernel2.npy', jax.device_get(kernel))
 state, _ = step(state, parallel.shard_batch(_random_batch(config, 16, 5), mesh))
 # Files of this process may not grow past 20 kB from here on: the write fails part-way.
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -105,14 +111,22 @@ except checkpoint.CheckpointWriteError as error:
 def test_a_failed_write_names_the_step_and_keeps_earlier_checkpoints(config, tmp_path):
   # A real write failing part-way (a file size limit, as a full disk would), in a process of
   # its own: the limit would hit every file this process writes.
-  result = subprocess.run([sys.executable, '-c', _FAILED_WRITE, str(tmp_path), config.data.data_dir],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, 'XLA_FLAGS': ''})
+  result = subprocess.run(
+      [sys.executable, '-c', _FAILED_WRITE,
+       str(tmp_path), config.data.data_dir],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      cwd=ROOT,
+      env={
+          **os.environ, 'XLA_FLAGS': ''
+      })
   assert result.returncode == 0, result.stderr[-3000:]
   # The failed write did not stop the step that started it; the next save reported it.
   assert 'SAVE RETURNED' in result.stdout, result.stdout + result.stderr[-3000:]
-  assert re.search(r'ERROR: .*could not write the checkpoint of step 3 .*File too large.*'
-                   r'intact \(steps \[1, 2\]\)', result.stdout), result.stdout + result.stderr[-3000:]
+  assert re.search(
+      r'ERROR: .*could not write the checkpoint of step 3 .*File too large.*'
+      r'intact \(steps \[1, 2\]\)', result.stdout), result.stdout + result.stderr[-3000:]
   manager = checkpoint.create_manager(str(tmp_path), keep=3)
   assert manager.all_steps() == [1, 2]
   mesh = parallel.make_mesh(jax.devices()[:1])

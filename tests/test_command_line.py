@@ -3,8 +3,8 @@ write into folders that do not exist yet."""
 
 import pathlib
 
-import pytest
 from absl import flags
+import pytest
 
 from jaxcap import command_line
 from jaxcap.data import tokenizer as tokenizer_lib
@@ -52,6 +52,7 @@ def test_a_misspelt_field_is_a_flag_error_naming_it():
 
 def test_tokenizer_creates_the_workdir(tmp_path):
   workdir = tmp_path / 'new' / 'workdir'
-  tokenizer = tokenizer_lib.load_or_train(workdir, lambda: ['a red square', 'a blue circle'] * 20, 40)
+  tokenizer = tokenizer_lib.load_or_train(workdir, lambda: ['a red square', 'a blue circle'] * 20,
+                                          40)
   assert (workdir / tokenizer_lib.MODEL_FILENAME).exists()
   assert tokenizer_lib.load_or_train(workdir, lambda: [], 40).vocab_size == tokenizer.vocab_size

@@ -14,10 +14,14 @@ import pytest
 from configs import default
 from jaxcap import parallel
 from jaxcap import rewards
-from jaxcap import scst
+from jaxcap import state as state_lib
 from jaxcap import train_step as train_step_lib
-from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jaxcap.data.tokenizer import BOS_ID
+from jaxcap.data.tokenizer import EOS_ID
+from jaxcap.data.tokenizer import PAD_ID
 from jaxcap.models import captioner
+from jaxcap.trainers import resident
+from jaxcap.trainers import scst
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,7 +43,7 @@ def _what_it_trains(name):
   and its kind of training."""
   config = importlib.import_module(f'configs.{name}').get_config()
   return (config.model.to_json(), config.optimizer.name, config.optimizer.grad_clip_norm > 0,
-          config.features.enabled, config.scst.enabled, config.scst.baseline)
+          config.trainer, config.scst.baseline)
 
 
 def _configs_training_differently():
@@ -74,24 +78,27 @@ def test_every_config_builds_its_model_and_trains_its_parameters(name):
                      [BOS_ID, 8, 9, EOS_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID]], np.int32)
   images = np.random.default_rng(0).uniform(
       -1, 1, (batch_size, config.data.image_size, config.data.image_size, 3)).astype(np.float32)
-  if not config.features.enabled:
-    state = train_step_lib.create_train_state(config, model, key)
-    step = functools.partial(jax.jit(train_step_lib.train_step), batch={'image': images, 'tokens': tokens},
-                             dropout_key=key)
+  if config.trainer == 'images':
+    state = state_lib.create_train_state(config, model, key)
+    step = functools.partial(
+        jax.jit(train_step_lib.train_step),
+        batch={
+            'image': images,
+            'tokens': tokens
+        },
+        dropout_key=key)
   else:
-    full = jax.eval_shape(functools.partial(train_step_lib.create_train_state, config, model), key)
+    full = jax.eval_shape(functools.partial(state_lib.create_train_state, config, model), key)
     embedding_dim = jax.eval_shape(
         lambda s: s.apply_fn(s.variables, images, method='encode'), full).shape[-1]
-    state = train_step_lib.create_decoder_state(config, model, key, embedding_dim)
+    state = state_lib.create_decoder_state(config, model, key, embedding_dim)
     embedding = np.random.default_rng(1).normal(size=(batch_size, embedding_dim)).astype(np.float32)
-    if config.scst.enabled:
+    if config.trainer == 'scst':
       mesh = parallel.make_mesh(jax.devices()[:1])
       # Image 0's reference holds every word, image 1's none of them: samples score apart.
       scorer = rewards.CiderD([[list(range(4, vocab)) + [EOS_ID]], [[EOS_ID]]], vocab)
       data = scst.place(embedding, scorer.references, mesh)
-      scst_step = scst.jit_scst_steps(
-          1, per_shard_batch=batch_size, num_samples=config.scst.num_samples,
-          baseline=config.scst.baseline, temperature=config.scst.temperature, max_len=max_len)
+      scst_step = resident.jit_steps(scst.config_step(config, per_shard_batch=batch_size))(1)
       step = lambda state: scst_step(state, data, scorer.tables, key)
     else:
       step = functools.partial(jax.jit(train_step_lib.decoder_train_step),
@@ -103,18 +110,24 @@ def test_every_config_builds_its_model_and_trains_its_parameters(name):
   assert int(state.step) == 2
   changed = _changed(params, jax.device_get(state.params))
   frozen = set() if config.model.train_encoder else {'encoder'}
-  assert set(changed) == ({'decoder'} if config.features.enabled else {'encoder', 'decoder'}), name
+  assert set(changed) == ({'decoder'}
+                          if config.trainer != 'images' else {'encoder', 'decoder'}), name
   for module, moved in changed.items():
     assert (not any(moved)) if module in frozen else all(moved), (name, module, moved)
-  if 'encoder' in frozen and not config.features.enabled:  # Its batch-norm statistics too.
+  if 'encoder' in frozen and config.trainer == 'images':  # Its batch-norm statistics too.
     assert not any(_changed(batch_stats, jax.device_get(state.batch_stats))['encoder']), name
 
 
 def test_train_script_rejects_unknown_config_fields(tmp_path):
-  result = subprocess.run(
-      [sys.executable, str(ROOT / 'scripts' / 'train.py'), '--config', str(ROOT / 'configs' / 'demo.py'),
-       '--workdir', str(tmp_path), '--config.model.lstm_sise=10'],
-      capture_output=True, text=True, timeout=120)
+  result = subprocess.run([
+      sys.executable,
+      str(ROOT / 'scripts' / 'train.py'), '--config',
+      str(ROOT / 'configs' / 'demo.py'), '--workdir',
+      str(tmp_path), '--config.model.lstm_sise=10'
+  ],
+                          capture_output=True,
+                          text=True,
+                          timeout=120)
   assert result.returncode != 0
   assert 'lstm_sise' in result.stderr
   assert not (tmp_path / 'checkpoints').exists()

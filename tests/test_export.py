@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from jaxcap import export
 from jaxcap.data import tokenizer as tokenizer_lib
@@ -60,8 +60,9 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
 
 
 def test_piece_table_and_detokenize_match_sentencepiece(trained_workdir):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(trained_workdir, tokenizer_lib.MODEL_FILENAME))
+  import tensorflow as tf
+  tokenizer = tokenizer_lib.Tokenizer.load(
+      os.path.join(trained_workdir, tokenizer_lib.MODEL_FILENAME))
   rng = np.random.default_rng(0)
   rows = rng.integers(0, tokenizer.vocab_size, (200, 12)).astype(np.int32)
   rows[::3, 5] = tokenizer_lib.EOS_ID
@@ -94,7 +95,8 @@ def test_saved_model_captions_as_caption_py_without_jax(trained_workdir, tmp_pat
     # an answer given to the wrong image fails.
     log_probs = np.asarray(served[exported[method]]['log_probs'])
     np.testing.assert_allclose(log_probs, [e['log_prob'] for e in expected], rtol=_LOG_PROB_RTOL)
-    assert np.diff(np.sort(log_probs)).min() > 2 * _LOG_PROB_RTOL * np.abs(log_probs).max(), log_probs
+    assert np.diff(
+        np.sort(log_probs)).min() > 2 * _LOG_PROB_RTOL * np.abs(log_probs).max(), log_probs
     assert (log_probs < 0).all()
 
 

@@ -7,10 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcap import inference
+from jaxcap import feature_cache
 from jaxcap import parallel
+from jaxcap import predict
+from jaxcap import state as state_lib
 from jaxcap import train
-from jaxcap.data import feature_cache
 from jaxcap.data import input_pipeline
 from jaxcap.data import prepare
 from jaxcap.models import captioner
@@ -30,7 +31,7 @@ def _streamed_embeddings(config, workdir, split):
   prepared = prepare.prepare(config, workdir)
   mesh = parallel.make_mesh()
   model = captioner.create_model(config.model, prepared.tokenizer.vocab_size)
-  state = inference.initial_state(config, model, mesh)
+  state = state_lib.initial_state(config, model, mesh)
   encode = jax.jit(lambda s, images: s.apply_fn(s.variables, images, method='encode'))
   embeddings = {}
   for batch in input_pipeline.eval_dataset(prepared.builder, split, _table(prepared, config, split),
@@ -75,7 +76,7 @@ def test_cache_equals_streaming_resumes_and_rebuilds_when_stale(config, tmp_path
 
 def test_training_on_cached_features_resumes_and_restores(config, tmp_path):
   config = _features_config(config)
-  config.features.enabled = True
+  config.trainer = 'features'
   config.resident.steps_per_call = 2
   config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 6, 2, 2
   config.optimizer.learning_rate = 3e-3
@@ -89,7 +90,7 @@ def test_training_on_cached_features_resumes_and_restores(config, tmp_path):
   assert losses[-1] < losses[0]
 
   # Checkpoints hold the decoder; the workdir restores to a full captioner.
-  trained = inference.restore(str(workdir))
+  trained = predict.restore(str(workdir))
   assert set(trained.state.params) == {'encoder', 'decoder'} and int(trained.state.step) == 6
 
   config.num_train_steps = 8  # Resumes from step 6.
@@ -109,12 +110,14 @@ def test_cached_and_streaming_training_follow_the_same_loss_curve(config, tmp_pa
   config.optimizer.learning_rate = 3e-3
   config.data.eval_splits = ()
   train.train_and_evaluate(config, str(tmp_path / 'streaming'))
-  config.features.enabled = True
+  config.trainer = 'features'
   config.resident.steps_per_call = 10
   train.train_and_evaluate(config, str(tmp_path / 'cached'))
   final = {}
   for name in ('streaming', 'cached'):
-    records = [json.loads(line) for line in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()
+    ]
     final[name] = [r['train_loss'] for r in records if r['split'] == 'train']
   for name, losses in final.items():  # Both learned: the loss fell (by about 11% here).
     assert losses[-1] < 0.95 * losses[0], (name, losses)

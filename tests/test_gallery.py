@@ -11,16 +11,19 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from jaxcap import evaluate
 from jaxcap import gallery
 from tests import browser
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-REFERENCES = {1: ['a red circle', 'one red circle'], 2: ['two blue squares', 'a pair of blue squares'],
-              3: ['a small green triangle', 'one little green triangle']}
+REFERENCES = {
+    1: ['a red circle', 'one red circle'],
+    2: ['two blue squares', 'a pair of blue squares'],
+    3: ['a small green triangle', 'one little green triangle']
+}
 
 
 class _Page(html.parser.HTMLParser):
@@ -105,8 +108,8 @@ def test_evaluate_gallery_opens_from_disk_and_orders_worst_first(trained_workdir
       generated, scores, {i: [f'reference {i}'] for i in scores}, images, scene_check=False),
       num_images=5))
 
-  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
-  from selenium.webdriver.support.ui import Select  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import Select
   driver = browser.headless_chromium()
   try:
     shown = lambda: [(int(f.get_attribute('data-id')), float(f.get_attribute('data-cider')))

@@ -47,7 +47,8 @@ def keras_model():
 
 def keras_notop_model(keras_model):
   """The same weights without the top, for images of any size."""
-  notop = keras.applications.InceptionV3(weights=None, include_top=False, input_shape=(None, None, 3))
+  notop = keras.applications.InceptionV3(
+      weights=None, include_top=False, input_shape=(None, None, 3))
   notop.set_weights(keras_model.get_weights()[:-2])  # All but the predictions kernel and bias.
   return notop
 
@@ -173,7 +174,9 @@ def test_bad_files_give_clear_errors(weight_files, tmp_path):
                             keras.layers.BatchNormalization(), keras.layers.Dense(2)])
   other_path = str(tmp_path / 'other.weights.h5')
   other.save_weights(other_path)
-  with pytest.raises(inception_v3.WeightsError, match="layer '.*' with weights of shapes .* is not part of InceptionV3"):
+  with pytest.raises(
+      inception_v3.WeightsError,
+      match="layer '.*' with weights of shapes .* is not part of InceptionV3"):
     inception_v3.load_keras_weights(other_path)
 
 
@@ -202,7 +205,8 @@ def test_missing_and_misshaped_layers_are_named(weight_files, tmp_path):
 def test_converted_directory_round_trip(weight_files, tmp_path):
   variables = inception_v3.load_keras_weights(weight_files['keras3'])
   directory = str(tmp_path / 'converted')
-  inception_v3.save_pretrained(variables, directory, source=weight_files['keras3'], include_top=False)
+  inception_v3.save_pretrained(
+      variables, directory, source=weight_files['keras3'], include_top=False)
   manifest = inception_v3.read_manifest(directory)
   assert manifest['source'] == 'inception_notop.weights.h5' and manifest['include_top'] is False
   assert len(manifest['sha256']) == 64 and manifest['layer_count'] == 188
@@ -216,10 +220,10 @@ def test_converted_directory_round_trip(weight_files, tmp_path):
 
 def test_keras_layer_order_is_keras_model_layers_order(keras_model):
   """Keras numbers default layer names in creation order, our conv2d_bn block order."""
-  convs = [l for l in keras_model.layers if isinstance(l, keras.layers.Conv2D)]
-  norms = [l for l in keras_model.layers if isinstance(l, keras.layers.BatchNormalization)]
+  convs = [x for x in keras_model.layers if isinstance(x, keras.layers.Conv2D)]
+  norms = [x for x in keras_model.layers if isinstance(x, keras.layers.BatchNormalization)]
   def created(layers):
-    numbers = [inception_v3._name_number(l.name) for l in layers]
+    numbers = [inception_v3._name_number(layer.name) for layer in layers]
     return [n - min(numbers) for n in numbers]
   assert inception_v3.keras_layer_order() == (created(convs), created(norms))
 
@@ -242,19 +246,21 @@ def test_convert_weights_script(weight_files, tmp_path):
 
 
 def test_captioner_uses_converted_weights(config, weight_files, tmp_path):
-  from jaxcap import train_step
+  from jaxcap import state as state_lib
   from jaxcap.models import captioner
   directory = str(tmp_path / 'converted')
   variables = inception_v3.load_keras_weights(weight_files['keras3'])
-  inception_v3.save_pretrained(variables, directory, source=weight_files['keras3'], include_top=False)
+  inception_v3.save_pretrained(
+      variables, directory, source=weight_files['keras3'], include_top=False)
   config.model.encoder, config.model.encoder_weights = 'inception_v3', directory
   config.data.image_size = 75
   weights = captioner.load_encoder_weights(config.model)
   model = captioner.create_model(config.model, vocab_size=20)
-  state = jax.eval_shape(lambda: train_step.create_train_state(config, model, jax.random.key(0)))
+  state = jax.eval_shape(lambda: state_lib.create_train_state(config, model, jax.random.key(0)))
   state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state)
-  state = train_step.with_encoder_variables(state, weights)
-  jax.tree.map(np.testing.assert_array_equal, variables['params'], jax.device_get(state.params['encoder']))
+  state = state_lib.with_encoder_variables(state, weights)
+  jax.tree.map(np.testing.assert_array_equal, variables['params'],
+               jax.device_get(state.params['encoder']))
   jax.tree.map(np.testing.assert_array_equal, variables['batch_stats'],
                jax.device_get(state.batch_stats['encoder']))
 

@@ -1,9 +1,12 @@
 """tf.data pipeline on the tiny built-in dataset: shapes, dtypes, scaling, padding, masks."""
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from jaxcap import workdir as workdir_lib
 from jaxcap.data import input_pipeline
 from jaxcap.data import tokenizer as tokenizer_lib
 
@@ -25,7 +28,8 @@ def test_read_captions(config, prepared):
 
 def test_token_table_pads_missing_captions(prepared):
   _, captions, tokenizer = prepared
-  uneven = input_pipeline.SplitCaptions(captions.image_ids[:2], (captions.texts[0][:2], captions.texts[1]))
+  uneven = input_pipeline.SplitCaptions(captions.image_ids[:2],
+                                        (captions.texts[0][:2], captions.texts[1]))
   table = input_pipeline.TokenTable.build(uneven, tokenizer, max_len=24)
   assert table.tokens.shape == (2, 5, 24)
   assert table.counts.tolist() == [2, 5]
@@ -80,7 +84,8 @@ def test_eval_batches_are_padded_with_mask(config, prepared):
   ds = input_pipeline.eval_dataset(builder, 'val', table, config.data, batch_size=8)
   batches = list(input_pipeline.eval_batches(ds, 8))
   assert len(batches) == 2  # 12 images.
-  assert all(b['image'].shape == (8, 32, 32, 3) and b['tokens'].shape == (8, 5, 24) for b in batches)
+  assert all(
+      b['image'].shape == (8, 32, 32, 3) and b['tokens'].shape == (8, 5, 24) for b in batches)
   assert np.concatenate([b['mask'] for b in batches]).tolist() == [1] * 12 + [0] * 4
   ids = np.concatenate([b['image/id'] for b in batches])[:12]
   np.testing.assert_array_equal(ids, captions.image_ids)
@@ -95,7 +100,9 @@ def test_process_shards_are_disjoint_and_cover_the_split(config, prepared):
   for process in range(2):
     ds = input_pipeline.eval_dataset(builder, 'val', table, config.data, batch_size=4,
                                      process_index=process, process_count=2)
-    ids.append([i for b in input_pipeline.eval_batches(ds, 4) for i, m in zip(b['image/id'], b['mask']) if m])
+    ids.append([
+        i for b in input_pipeline.eval_batches(ds, 4) for i, m in zip(b['image/id'], b['mask']) if m
+    ])
   assert not set(ids[0]) & set(ids[1])
   assert sorted(ids[0] + ids[1]) == sorted(captions.image_ids.tolist())
 
@@ -130,9 +137,11 @@ def test_every_process_runs_the_same_batches_even_with_an_empty_share(config, pr
   assert real == 12
 
 
-def test_a_workdir_config_from_before_the_file_fields_still_builds(config):
+def test_a_workdir_config_from_before_the_file_fields_still_builds(config, tmp_path):
   """config.json of a run trained before data.karpathy_json and data.image_dir existed."""
-  del config.data['karpathy_json']
-  del config.data['image_dir']
+  values = json.loads(config.to_json_best_effort())
+  del values['data']['karpathy_json'], values['data']['image_dir']
+  (tmp_path / 'config.json').write_text(json.dumps(values))
+  config = workdir_lib.load_config(str(tmp_path))
   builder = input_pipeline.get_builder(config.data)
   assert builder.name == 'shapes_captions' and builder.info.splits['test'].num_examples == 12

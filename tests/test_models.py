@@ -1,11 +1,14 @@
 """Model shapes: encoders from the registry, decoder, captioner."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcap import workdir as workdir_lib
 from jaxcap.models import captioner
 from jaxcap.models import encoders
 from jaxcap.models import inception_v3
@@ -73,9 +76,12 @@ def test_small_cnn_blocks_in_their_order(config, pool_before_norm, strided_first
   np.testing.assert_allclose(ours, reference(images), rtol=1e-4, atol=1e-4)
 
 
-def test_small_cnn_of_a_run_saved_before_its_block_options(config):
-  del config.model.small_cnn['pool_before_norm'], config.model.small_cnn['strided_first_conv']
-  encoder = encoders.create_encoder(config.model)
+def test_small_cnn_of_a_run_saved_before_its_block_options(config, tmp_path):
+  values = json.loads(config.to_json_best_effort())
+  del values['model']['small_cnn']['pool_before_norm']
+  del values['model']['small_cnn']['strided_first_conv']
+  (tmp_path / 'config.json').write_text(json.dumps(values))
+  encoder = encoders.create_encoder(workdir_lib.load_config(str(tmp_path)).model)
   assert not encoder.pool_before_norm and not encoder.strided_first_conv
 
 
@@ -101,7 +107,9 @@ def test_frozen_encoder_gets_no_gradient(config):
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   tokens = jnp.ones((2, 5), jnp.int32)
   variables = model.init(jax.random.key(0), images, tokens)
-  grads = jax.grad(lambda p: model.apply({**variables, 'params': p}, images, tokens, train=True).sum())(
+  grads = jax.grad(lambda p: model.apply({
+      **variables, 'params': p
+  }, images, tokens, train=True).sum())(
       variables['params'])
   assert all((g == 0).all() for g in jax.tree.leaves(grads['encoder']))
   assert any((g != 0).any() for g in jax.tree.leaves(grads['decoder']))
@@ -114,11 +122,14 @@ def test_inception_v3_shapes():
   variables = jax.jit(model.init)(jax.random.key(0), images)
   assert set(variables) == {'params', 'batch_stats'}
   assert len(variables['params']) == 94  # Keras InceptionV3 has 94 conv2d_bn layers.
-  pooled, state = jax.jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))(variables, images)
+  pooled, state = jax.jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))(variables,
+                                                                                     images)
   assert pooled.shape == (1, 2048)
   assert state['intermediates']['spatial_map'][0].shape == (1, 1, 1, 2048)
   assert state['intermediates']['mixed0'][0].shape == (1, 7, 7, 256)
-  assert sum(x.size for x in jax.tree.leaves(variables['params'])) == 21_768_352  # As Keras: trainable params.
+  assert sum(
+      x.size
+      for x in jax.tree.leaves(variables['params'])) == 21_768_352  # As Keras: trainable params.
 
 
 @pytest.mark.parametrize('height,width', [(1, 1), (2, 3), (5, 4), (35, 35)])

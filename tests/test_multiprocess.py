@@ -17,9 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcap import inference
+from jaxcap import predict
 from jaxcap.data import input_pipeline
-from tests.conftest import tiny_config, write_config_file
+from tests.conftest import tiny_config
+from tests.conftest import write_config_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -82,8 +83,15 @@ def run_config(data_dir, tmp_path_factory):
   input_pipeline.get_builder(tiny_config(data_dir).data)  # Built once, before processes share it.
   directory = tmp_path_factory.mktemp('multiprocess')
   config_file = write_config_file(
-      directory / 'config.py', data_dir, num_train_steps=STEPS, log_every_steps=1,
-      checkpoint_every_steps=CHECKPOINT_EVERY, **{'data.input_shards': 2, 'data.eval_splits': ('val',)})
+      directory / 'config.py',
+      data_dir,
+      num_train_steps=STEPS,
+      log_every_steps=1,
+      checkpoint_every_steps=CHECKPOINT_EVERY,
+      **{
+          'data.input_shards': 2,
+          'data.eval_splits': ('val',)
+      })
   uninterrupted = directory / 'uninterrupted'
   result = subprocess.run(_train_command(config_file, uninterrupted), env=_env(8),
                           capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -144,7 +152,8 @@ def test_two_processes_train_as_one_and_agree_on_preemption(run_config, tmp_path
   assert sorted(losses) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([losses[s] for s in range(1, STEPS + 1)],
                              [expected[s] for s in range(1, STEPS + 1)], rtol=1e-5)
-  single_state, double_state = inference.restore(str(uninterrupted)).state, inference.restore(str(double)).state
+  single_state, double_state = predict.restore(str(uninterrupted)).state, predict.restore(
+      str(double)).state
   assert int(double_state.step) == STEPS
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                jax.device_get(single_state.params), jax.device_get(double_state.params))

@@ -1,4 +1,4 @@
-"""jaxcap.parallel's compiler options: on CPU, convolutions stay XLA's and products go to YNNPACK."""
+"""jaxcap.parallel's compiler options: on CPU, convolutions stay XLA's, products go to YNNPACK."""
 
 import re
 
@@ -38,8 +38,11 @@ def test_cpu_programs_leave_convolutions_to_xla_and_products_to_ynnpack():
   assert 'ynn_fusion' in entry, entry
   # jaxlib's default (the convolution in YNNPACK too) is the independent reference.
   gradient_fn = jax.grad(lambda s, x: _convolution_then_product(s, x).sum())
-  np.testing.assert_allclose(jitted(state, images),
-                             jax.jit(_convolution_then_product)(state, images), rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(
+      jitted(state, images),
+      jax.jit(_convolution_then_product)(state, images),
+      rtol=1e-4,
+      atol=1e-3)
   expected = jax.jit(gradient_fn)(state, images)
   for name, gradient in parallel.jit_data_parallel(gradient_fn, mesh)(state, images).items():
     np.testing.assert_allclose(gradient, expected[name], rtol=1e-4, atol=1e-3)

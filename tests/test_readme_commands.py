@@ -53,8 +53,8 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from tests import caption_folders
 from tests.conftest import SUMMARY_PROPERTY
@@ -172,7 +172,8 @@ def _my_images(folder: pathlib.Path) -> None:
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 256, (128, 128), dtype=np.uint8)).save(folder / 'gray_128px.jpg')
   for i in range(3):
-    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f'scene{i}.png')
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3),
+                                 dtype=np.uint8)).save(folder / f'scene{i}.png')
   (folder / 'readme.txt').write_text('not an image')
 
 
@@ -230,10 +231,11 @@ def _config_overrides(argv: list[str], checkout: Checkout) -> tuple[list[str], s
   image_size = _IMAGE_SIZE.get(config.model.encoder, 32)
   extra = [*_TINY_CONFIG, f'--config.data.image_size={image_size}',
            f'--config.data.data_dir={checkout.tfds_dir}']
-  if config.scst.enabled:  # Images per step: the COCO stand-in has 6 training images.
+  if config.trainer == 'scst':  # Images per step: the COCO stand-in has 6 training images.
     extra.append('--config.batch_size=2')
   stand_in = ''
-  if config.data.name == 'coco_captions' and not any(a.startswith('--config.data.coco_dir') for a in argv):
+  if config.data.name == 'coco_captions' and not any(
+      a.startswith('--config.data.coco_dir') for a in argv):
     extra.append(f'--config.data.coco_dir={checkout.coco_dir}')
     stand_in = 'COCO-format test folder for the tfds download'
   return extra, stand_in
@@ -312,15 +314,21 @@ def _run_together(plans: list[Plan], checkout: Checkout) -> list[subprocess.Comp
     stem = logs / re.sub(r'\W+', '_', p.command.source + p.command.text)[:200]
     out, err = open(f'{stem}.out', 'w+'), open(f'{stem}.err', 'w+')
     files.append((out, err))
-    processes.append(subprocess.Popen([a.replace('{port}', str(port)) for a in p.argv],
-                                      cwd=checkout.repo, env=p.env, stdout=out, stderr=err, text=True))
+    processes.append(
+        subprocess.Popen([a.replace('{port}', str(port)) for a in p.argv],
+                         cwd=checkout.repo,
+                         env=p.env,
+                         stdout=out,
+                         stderr=err,
+                         text=True))
   results = []
   try:
     for p, process, (out, err) in zip(plans, processes, files):
       process.wait(timeout=_TIMEOUT_S)
       out.seek(0)
       err.seek(0)
-      results.append(subprocess.CompletedProcess(p.argv, process.returncode, out.read(), err.read()))
+      results.append(
+          subprocess.CompletedProcess(p.argv, process.returncode, out.read(), err.read()))
   finally:
     for process, (out, err) in zip(processes, files):
       process.kill()
@@ -343,16 +351,21 @@ def _check_benchmark_json(results: dict) -> None:
     return
   assert results['steps_per_sec'] > 0 and results['examples_per_sec'] > 0, results
   assert results['flops_per_step'] > 0 and 0 < results['mfu'], results
-  assert ('tokens_per_sec' in results) == (results['mode'] in ('train', 'decoder', 'decoder_resident'))
+  assert ('tokens_per_sec' in results) == (
+      results['mode'] in ('train', 'decoder', 'decoder_resident'))
 
 
 def _check_benchmark_gpu(p: Plan, result, checkout: Checkout) -> None:
   del p
   names = sorted(n for n in os.listdir(checkout.results / 'gpu') if n.endswith('.json'))
-  runs = [line.split()[1] for line in (ROOT / 'scripts' / 'benchmark_gpu.sh').read_text().splitlines()
-          if line.startswith('run ')]
+  runs = [
+      line.split()[1]
+      for line in (ROOT / 'scripts' / 'benchmark_gpu.sh').read_text().splitlines()
+      if line.startswith('run ')
+  ]
   chosen = sorted(f'{name}.json' for name in runs if re.search(_GPU_RUNS, name))
-  assert len(chosen) == 2 and names == chosen and result.stdout.count('== ') == 2, (names, result.stdout)
+  assert len(chosen) == 2 and names == chosen and result.stdout.count('== ') == 2, (names,
+                                                                                    result.stdout)
   for name in names:
     _check_benchmark_json(json.loads((checkout.results / 'gpu' / name).read_text()))
 
@@ -365,7 +378,8 @@ def _check_caption(p: Plan, result, checkout: Checkout) -> None:
            (i == 0 or args[i - 1] not in ('--workdir', '--step', '--beam', '--temperature'))]
   if '--json' in p.argv:
     entries = json.loads(result.stdout)
-    assert [e['path'] for e in entries] == paths and all(isinstance(e['caption'], str) for e in entries)
+    assert [e['path'] for e in entries] == paths and all(
+        isinstance(e['caption'], str) for e in entries)
     assert all(e['log_prob'] < 0 for e in entries), entries
     return
   lines = result.stdout.strip().split('\n')
@@ -379,11 +393,11 @@ def _check_caption(p: Plan, result, checkout: Checkout) -> None:
 def _check_evaluate(p: Plan, result, checkout: Checkout) -> None:
   """The results file and the metrics file it prints, the metrics equal to pycocoevalcap's own
   on that results file."""
-  from jaxcap import evaluate  # pylint: disable=g-import-not-at-top
-  from jaxcap import inference  # pylint: disable=g-import-not-at-top
-  from jaxcap.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  match = re.search(r'^(\w+) step (\d+) (\w+): .*cider=.* \| (\S+)\.json( \S+\.html)?$', result.stdout,
-                    re.M)
+  from jaxcap import evaluate
+  from jaxcap import workdir as workdir_lib
+  from jaxcap.data import input_pipeline
+  match = re.search(r'^(\w+) step (\d+) (\w+): .*cider=.* \| (\S+)\.json( \S+\.html)?$',
+                    result.stdout, re.M)
   assert match, result.stdout
   split, step, method, stem, page = match.groups()
   assert bool(page) == ('--gallery' in p.argv)
@@ -397,7 +411,7 @@ def _check_evaluate(p: Plan, result, checkout: Checkout) -> None:
   assert metrics['step'] == int(step) and metrics['num_images'] == len(generated) > 0
   assert set(generated[0]) == {'image_id', 'caption'}
   workdir = str(checkout.repo / p.argv[p.argv.index('--workdir') + 1])
-  config = inference.load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   captions = input_pipeline.read_captions(input_pipeline.get_builder(config.data), split)
   references = dict(zip(captions.image_ids.tolist(), captions.texts))
   direct = evaluate.coco_metrics(references, {g['image_id']: g['caption'] for g in generated})
@@ -463,7 +477,9 @@ def _run_in_order(plans: list[Plan], checkout: Checkout, report) -> list[str]:
           _CHECKS.get(pathlib.Path(p.argv[1]).name, lambda *_: None)(p, result, checkout)
         except (AssertionError, KeyError, ValueError, OSError) as error:
           problem = f'output check failed: {error!r}'[:3000]
-      lines = [f'  [{"FAILED" if problem else "ok"} {seconds:.0f}s] {p.command.source}: {p.command.text}']
+      lines = [
+          f'  [{"FAILED" if problem else "ok"} {seconds:.0f}s] {p.command.source}: {p.command.text}'
+      ]
       lines += [f'      stand-in: {p.stand_in}'] if p.stand_in else []
       lines.append(f'      ran: {shlex.join(p.argv)}')
       report('\n'.join(lines))
@@ -479,9 +495,13 @@ def _run_in_order(plans: list[Plan], checkout: Checkout, report) -> list[str]:
 # runs after the command that converts them, in its own test; the others run in tests of their
 # own, which pytest-xdist spreads over the workers (each worker has its own checkout).
 _PLACEHOLDER = Checkout(
-    repo=pathlib.Path('/checkout/repo'), home=pathlib.Path('/checkout/home'),
-    tfds_dir='/checkout/tfds', coco_dir='/checkout/data/coco', data=pathlib.Path('/checkout/data'),
-    shared_storage=pathlib.Path('/checkout/shared_storage'), results=pathlib.Path('/checkout/results'),
+    repo=pathlib.Path('/checkout/repo'),
+    home=pathlib.Path('/checkout/home'),
+    tfds_dir='/checkout/tfds',
+    coco_dir='/checkout/data/coco',
+    data=pathlib.Path('/checkout/data'),
+    shared_storage=pathlib.Path('/checkout/shared_storage'),
+    results=pathlib.Path('/checkout/results'),
     no_tensorflow=pathlib.Path('/checkout/no_tensorflow'))
 _TRAINS = ('train.py', 'extract_features.py', 'prepare_data.py')
 
@@ -563,7 +583,7 @@ def _lanes() -> tuple[list[Lane], list[DocCommand]]:
       continue
     first_of[key] = command
     lane = Lane([command], *_folders(p))
-    for other in [l for l in lanes if _overlap(l.written, lane.written)]:
+    for other in [x for x in lanes if _overlap(x.written, lane.written)]:
       lanes.remove(other)
       lane = Lane(sorted(other.commands + lane.commands, key=lambda c: order[id(c)]),
                   other.written | lane.written, other.weights | lane.weights)
@@ -573,17 +593,17 @@ def _lanes() -> tuple[list[Lane], list[DocCommand]]:
   for lane in lanes:
     lane.name = lane.commands[0].source
     for folder in sorted(lane.weights - lane.written):
-      producer = next(l for l in lanes if folder in l.written).commands[0]
+      producer = next(x for x in lanes if folder in x.written).commands[0]
       lane.notes.append(f'[first] {producer.source} converts the weights that the lane reads')
       lane.commands.insert(0, producer)
   for first, note in same:
-    next(l for l in lanes if first in l.commands).notes.append(note)
+    next(x for x in lanes if first in x.commands).notes.append(note)
   names = collections.Counter()
   for lane in lanes:  # Two inline commands can share a line: the second gets ' (2)'.
     names[lane.name] += 1
     lane.name += f' ({names[lane.name]})' if names[lane.name] > 1 else ''
   # The longest first (more commands, more time), so that xdist starts them first.
-  return sorted(lanes, key=lambda l: -len(l.commands)), ci
+  return sorted(lanes, key=lambda x: -len(x.commands)), ci
 
 
 LANES, CI_COMMANDS = _lanes()
@@ -598,11 +618,13 @@ def test_quick_start_is_what_ci_runs():
   install_1 = [s.strip() for s in quick_install.split('&&')][:2]
   install_2 = [s.strip() for s in quick_test.split('&&')][:2]
   assert install_1 == [install_2[0], install_2[1].replace(" -e '.[test]'", ' -e .')], install_1
-  assert len({id(c) for l in LANES for c in l.commands}) >= 25, [c.text for l in LANES for c in l.commands]
+  commands = [c for lane in LANES for c in lane.commands]
+  assert len({id(c) for c in commands}) >= 25, [c.text for c in commands]
 
 
-@pytest.mark.parametrize('lane', [pytest.param(l, id=l.name, marks=pytest.mark.xdist_group(f'readme {l.name}'))
-                                  for l in LANES])
+@pytest.mark.parametrize('lane', [
+    pytest.param(lane, id=lane.name, marks=pytest.mark.xdist_group(f'readme {lane.name}'))
+    for lane in LANES])
 def test_documented_commands_run(lane, checkout, record_property):
   plans = [plan(command, checkout) for command in lane.commands]
   lines = [f'{len(plans)} command(s) in document order; seconds are wall time:']

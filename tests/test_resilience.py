@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from jaxcap import checkpoint
 from jaxcap import train
+from jaxcap import workdir as workdir_lib
 from jaxcap.data import input_pipeline
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,9 @@ def test_sigterm_saves_a_checkpoint_and_returns(config, tmp_path, caplog):
   assert signal.getsignal(signal.SIGTERM) == previous  # The handler is restored.
   stopped = int(re.search(r'SIGTERM: saved the checkpoint of step (\d+)', caplog.text).group(1))
   assert checkpoint.create_manager(str(workdir), 2).all_steps() == [stopped]
-  logged = [json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  logged = [
+      json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+  ]
   assert 2 <= max(logged) <= stopped < 100_000  # Saved at the step it stopped at, then stopped.
 
 
@@ -80,30 +83,40 @@ def test_resume_rejects_locked_changes_and_allows_others(config, tmp_path):
   assert checkpoint.create_manager(workdir, 2).latest_step() == 3
 
 
+def _trained_workdir_with(config_json: str, tmp_path):
+  """A folder with this config.json and a checkpoint: what the resume check reads."""
+  (tmp_path / 'config.json').write_text(config_json)
+  (tmp_path / 'checkpoints' / '2').mkdir(parents=True)
+  return str(tmp_path)
+
+
 def test_fields_added_since_a_run_are_compatible_at_their_off_values(config, tmp_path):
-  # A workdir written before model.dropout, config.scst and small_cnn's block options existed.
+  # A workdir written before model.dropout, config.scst, config.trainer and small_cnn's block
+  # options existed (it trained on images: features.enabled was False).
   old = json.loads(config.to_json_best_effort())
-  del old['model']['dropout'], old['scst']
+  del old['model']['dropout'], old['scst'], old['trainer']
   del old['model']['small_cnn']['pool_before_norm'], old['model']['small_cnn']['strided_first_conv']
-  (tmp_path / 'config.json').write_text(json.dumps(old))
-  train.check_resume_config(str(tmp_path), config)  # dropout 0, scst off: as it was trained.
-  for field in ('scst.enabled', 'model.small_cnn.pool_before_norm',
-                'model.small_cnn.strided_first_conv'):
+  old['features']['enabled'] = False
+  workdir = _trained_workdir_with(json.dumps(old), tmp_path)
+  workdir_lib.check_resume(workdir, config)  # dropout 0, on images: as it was trained.
+  for field, value, was in (('trainer', 'features', 'images'),
+                            ('model.small_cnn.pool_before_norm', True, False),
+                            ('model.small_cnn.strided_first_conv', True, False)):
     changed = config.copy_and_resolve_references()
-    changed.update_from_flattened_dict({field: True})
-    with pytest.raises(ValueError, match=rf'{field} \({field}: None -> True\)'):
-      train.check_resume_config(str(tmp_path), changed)
+    changed.update_from_flattened_dict({field: value})
+    with pytest.raises(ValueError, match=rf'{field} \({field}: {was!r} -> {value!r}\)'):
+      workdir_lib.check_resume(workdir, changed)
 
 
 def test_compute_only_fields_may_change_on_resume(config, tmp_path):
-  (tmp_path / 'config.json').write_text(config.to_json_best_effort())
+  workdir = _trained_workdir_with(config.to_json_best_effort(), tmp_path)
   for field, value in (('dtype', 'bfloat16'), ('lstm_unroll', 4), ('loss_chunk_steps', 3),
                        ('dropout', 0.3), ('bn_momentum', 0.5)):
     changed = config.copy_and_resolve_references()
     changed.model[field] = value
-    train.check_resume_config(str(tmp_path), changed)  # Parameters and tokens unchanged: allowed.
+    workdir_lib.check_resume(workdir, changed)  # Parameters and tokens unchanged: allowed.
   for field, value in (('lstm_size', 48), ('encoder', 'zeros'), ('train_encoder', False)):
     changed = config.copy_and_resolve_references()
     changed.model[field] = value
     with pytest.raises(ValueError, match=f'model.{field}'):
-      train.check_resume_config(str(tmp_path), changed)
+      workdir_lib.check_resume(workdir, changed)

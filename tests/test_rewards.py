@@ -5,8 +5,8 @@ import math
 
 import jax
 import numpy as np
-import pytest
 from pycocoevalcap.cider import cider_scorer
+import pytest
 
 from jaxcap import rewards
 
@@ -35,7 +35,8 @@ def reference_cider_d(candidates, image_index, references):
     for ref in references[image]:
       ref_vec, ref_norm, ref_length = vector(list(ref))
       for n in range(4):
-        value = sum(min(v, ref_vec[n].get(g, 0.0)) * ref_vec[n].get(g, 0.0) for g, v in vec[n].items())
+        value = sum(
+            min(v, ref_vec[n].get(g, 0.0)) * ref_vec[n].get(g, 0.0) for g, v in vec[n].items())
         if norm[n] and ref_norm[n]:
           value /= norm[n] * ref_norm[n]
         total += value * math.exp(-((length - ref_length) ** 2) / (2 * 6.0 ** 2)) / 4
@@ -124,15 +125,17 @@ def test_from_padded_equals_the_lists_whatever_lies_in_the_masked_rows():
   """Training's constructor (ids after BOS, (I, C, L) padded, counts per image): the references
   beyond each image's count are masked out, whatever ids they hold."""
   rng = np.random.default_rng(7)
-  references = [[list(rng.integers(3, 12, rng.integers(1, 9))) + [2] for _ in range(rng.integers(1, 5))]
-                for _ in range(10)]
+  references = [[
+      list(rng.integers(3, 12, rng.integers(1, 9))) + [2] for _ in range(rng.integers(1, 5))
+  ] for _ in range(10)]
   tokens = rng.integers(3, 12, (10, 5, 12))  # Junk everywhere, then the real references over it.
   for i, refs in enumerate(references):
     for c, ref in enumerate(refs):
       tokens[i, c] = _padded([ref], 12)[0]
   counts = np.array([len(refs) for refs in references])
   candidates = [list(rng.integers(3, 12, rng.integers(0, 10))) for _ in range(40)]
-  candidates += [tokens[i, 4][:6].tolist() for i in range(10)]  # A masked row's junk as the caption.
+  candidates += [tokens[i, 4][:6].tolist() for i in range(10)
+                ]  # A masked row's junk as the caption.
   image_index = np.r_[rng.integers(0, 10, 40), np.arange(10)]
   padded = rewards.CiderD.from_padded(tokens, counts, 16)
   listed = rewards.CiderD(references, 16)

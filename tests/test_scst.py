@@ -9,14 +9,18 @@ import numpy as np
 import pytest
 
 from jaxcap import decode
-from jaxcap import inference
 from jaxcap import parallel
+from jaxcap import predict
 from jaxcap import rewards
-from jaxcap import scst
+from jaxcap import state as state_lib
 from jaxcap import train
-from jaxcap import train_step as train_step_lib
+from jaxcap import trainers
+from jaxcap.data.tokenizer import BOS_ID
+from jaxcap.data.tokenizer import EOS_ID
+from jaxcap.data.tokenizer import PAD_ID
 from jaxcap.models import captioner
-from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jaxcap.trainers import resident
+from jaxcap.trainers import scst
 from tests import test_resident
 
 VOCAB, EMBEDDING_DIM, IMAGES = 24, test_resident.EMBEDDING_DIM, 32
@@ -68,12 +72,14 @@ def test_policy_loss_gradient_is_reinforce(config, temperature):
 
 def test_baselines():
   rewards_ = jnp.asarray([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
-  np.testing.assert_allclose(scst.baseline_rewards(rewards_, jnp.asarray([5.0, 7.0]), 'mean_of_others'),
-                             [[4.0, 3.5, 1.5], [1.5, 1.5, 0.0]])
+  np.testing.assert_allclose(
+      scst.baseline_rewards(rewards_, jnp.asarray([5.0, 7.0]), 'mean_of_others'),
+      [[4.0, 3.5, 1.5], [1.5, 1.5, 0.0]])
   np.testing.assert_allclose(scst.baseline_rewards(rewards_, jnp.asarray([5.0, 7.0]), 'greedy'),
                              [[5.0] * 3, [7.0] * 3])
   with pytest.raises(ValueError, match='config.scst.baseline'):
-    scst.make_scst_step(per_shard_batch=1, num_samples=2, baseline='mean', temperature=1.0, max_len=8)
+    scst.make_scst_step(
+        per_shard_batch=1, num_samples=2, baseline='mean', temperature=1.0, max_len=8)
 
 
 @pytest.mark.parametrize('baseline', ['mean_of_others', 'greedy'])
@@ -88,11 +94,12 @@ def test_k_steps_per_call_equal_single_steps(config, baseline):
   seed_key = jax.device_put(jax.random.key(3), parallel.replicated(mesh))
   # Global batch 16 images of 3 samples; 2 steps an epoch, so the calls cross epochs.
   kwargs = dict(per_shard_batch=2, num_samples=3, baseline=baseline, temperature=1.0, max_len=10)
-  four = scst.jit_scst_steps(4, **kwargs)
+  steps_fn = resident.jit_steps(scst.make_scst_step(**kwargs))
+  four = steps_fn(4)
   state, metrics = four(_decoder_state(config, mesh), data, tables, seed_key)
   with jax.transfer_guard('disallow'):  # Nothing moves from the host between calls.
     state, more = four(state, data, tables, seed_key)
-  one = scst.jit_scst_steps(1, **kwargs)
+  one = steps_fn(1)
   reference = _decoder_state(config, mesh)
   single = []
   for _ in range(8):
@@ -118,26 +125,29 @@ def test_logged_rewards_are_host_cider_d_of_the_step_s_own_captions(config):
   embedding = rng.normal(size=(IMAGES, EMBEDDING_DIM)).astype(np.float32)
   data = scst.place(embedding, scorer.references, mesh)
   seed_key, num_samples, max_len = jax.random.key(4), 3, 10
-  one = scst.jit_scst_steps(1, per_shard_batch=2, num_samples=num_samples, baseline='greedy',
-                            temperature=1.0, max_len=max_len)
+  one = resident.jit_steps(scst.make_scst_step(
+      per_shard_batch=2, num_samples=num_samples, baseline='greedy', temperature=1.0,
+      max_len=max_len))(1)
   state = _decoder_state(config, mesh)
   params = jax.device_get(state.params)
   _, metrics = one(state, data, jax.device_put(scorer.tables, parallel.replicated(mesh)),
                    jax.device_put(seed_key, parallel.replicated(mesh)))
 
-  shard_index = scst.images_at(train_step_lib.rng_stream(seed_key, 'order'), jnp.int32(0), 8, 4, 2)
+  shard_index = scst.images_at(state_lib.rng_stream(seed_key, 'order'), jnp.int32(0), 8, 4, 2)
   image = np.asarray(shard_index + 4 * jnp.arange(8)[:, None]).reshape(-1)  # Shard blocks of 4.
   model = captioner.create_model(config.model, VOCAB)
   variables = {'params': params}
   samples = decode.sample_from_embedding(
       model.apply, variables, jnp.repeat(embedding[image], num_samples, 0), max_len,
-      jax.random.fold_in(train_step_lib.rng_stream(seed_key, 'sample'), 0), 1.0)
-  greedy = decode.greedy_from_embedding(model.apply, variables, jnp.asarray(embedding[image]), max_len)
+      jax.random.fold_in(state_lib.rng_stream(seed_key, 'sample'), 0), 1.0)
+  greedy = decode.greedy_from_embedding(model.apply, variables, jnp.asarray(embedding[image]),
+                                        max_len)
   sample_rewards = scorer.scores(samples, np.repeat(image, num_samples))
   greedy_rewards = scorer.scores(greedy, image)
   assert len(set(image.tolist())) == 16 and np.ptp(sample_rewards) > 0
   # Against the wrong images' references the mean would differ: the check can tell.
-  assert abs(scorer.scores(samples, np.tile(image, num_samples)).mean() - sample_rewards.mean()) > 1e-3
+  assert abs(scorer.scores(samples, np.tile(image, num_samples)).mean() -
+             sample_rewards.mean()) > 1e-3
   np.testing.assert_allclose(metrics['sample_reward'][0], sample_rewards.mean(), rtol=1e-5)
   np.testing.assert_allclose(metrics['greedy_reward'][0], greedy_rewards.mean(), rtol=1e-5)
   np.testing.assert_allclose(metrics['baseline_reward'][0], greedy_rewards.mean(), rtol=1e-5)
@@ -153,8 +163,8 @@ def test_self_critical_steps_raise_the_sample_reward(config, baseline):
   scorer = rewards.CiderD(_references(rng), VOCAB)
   data = scst.place(rng.normal(size=(IMAGES, EMBEDDING_DIM)).astype(np.float32),
                     scorer.references, mesh)
-  steps = scst.jit_scst_steps(10, per_shard_batch=8, num_samples=4, baseline=baseline,
-                              temperature=1.0, max_len=10)
+  steps = resident.jit_steps(scst.make_scst_step(
+      per_shard_batch=8, num_samples=4, baseline=baseline, temperature=1.0, max_len=10))(10)
   state, tables, key = _decoder_state(config, mesh), scorer.tables, jax.random.key(6)
   curve = []
   for _ in range(4):
@@ -166,7 +176,8 @@ def test_self_critical_steps_raise_the_sample_reward(config, baseline):
 
 def test_images_of_an_epoch_are_each_drawn_once():
   key = jax.random.key(5)
-  picks = np.stack([np.asarray(scst.images_at(key, jnp.int32(step), 2, 12, 4)) for step in range(3)], 1)
+  picks = np.stack(
+      [np.asarray(scst.images_at(key, jnp.int32(step), 2, 12, 4)) for step in range(3)], 1)
   for shard in picks:  # (steps, batch): the 3 steps of epoch 0 cover the 12 images once.
     assert sorted(shard.ravel().tolist()) == list(range(12))
   np.testing.assert_array_equal(scst.images_at(key, jnp.int32(1), 2, 12, 4), picks[:, 1])
@@ -186,15 +197,16 @@ def test_self_critical_run_starts_from_init_from_resumes_exactly_and_restores(co
   config.data.eval_splits = ('val',)
 
   config.model.train_encoder = False
-  config.features.enabled = True
+  config.trainer = 'scst'
   config.features.batch_size, config.features.batches_per_part = 8, 1
   config.features.storage_dtype = 'float32'
-  config.scst.enabled, config.scst.init_from = True, str(xe_workdir)
+  config.scst.init_from = str(xe_workdir)
   config.scst.num_samples = 3
   config.resident.steps_per_call = 2
   config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 4, 2, 2
   config.eval_every_steps = 4
-  config.optimizer.end_learning_rate_factor = 1.0  # A schedule that does not depend on the run's length.
+  # A schedule that does not depend on the run's length.
+  config.optimizer.end_learning_rate_factor = 1.0
 
   config.scst.max_len = 12
   config.seed = 1  # Not init_from's: a decoder initialised here would be another one.
@@ -216,23 +228,26 @@ def test_self_critical_run_starts_from_init_from_resumes_exactly_and_restores(co
     assert replayed[key] == pytest.approx(records[-1][key], rel=1e-6), key
 
   # The workdir restores to a full captioner: init_from's encoder, the trained decoder.
-  trained, start = inference.restore(str(workdir)), inference.restore(str(xe_workdir))
+  trained, start = predict.restore(str(workdir)), predict.restore(str(xe_workdir))
   assert int(trained.state.step) == 4
   for got, want in zip(jax.tree.leaves(trained.state.params['encoder']),
                        jax.tree.leaves(start.state.params['encoder'])):
     np.testing.assert_array_equal(got, want)
   # ... and init_from's decoder, moved by 4 Adam steps: each parameter by at most a few
   # learning rates (a fresh decoder's kernels differ from it by ~0.1), and some by more than 0.
-  moved = [np.abs(np.asarray(a, np.float64) - b).max() for a, b in zip(
-      jax.tree.leaves(trained.state.params['decoder']), jax.tree.leaves(start.state.params['decoder']))]
+  moved = [
+      np.abs(np.asarray(a, np.float64) - b).max() for a, b in zip(
+          jax.tree.leaves(trained.state.params['decoder']),
+          jax.tree.leaves(start.state.params['decoder']))
+  ]
   assert max(moved) <= 4 * 3 * config.optimizer.learning_rate and max(moved) > 0, moved
 
 
 def test_self_critical_needs_its_start_and_cached_features(config, tmp_path):
-  config.scst.enabled = True
+  config.trainer, config.model.train_encoder = 'scst', False
   config.scst.init_from = str(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='init_from=.*missing: not a jaxcap workdir'):
-    inference.init_from_state(config, None)
-  config.features.enabled = False
-  with pytest.raises(ValueError, match='scst.enabled=True trains on cached features'):
-    train._create_trainer(config, str(tmp_path), *[None] * 6)  # Stops before using them.
+    predict.init_from_state(config, None)
+  config.model.train_encoder = True
+  with pytest.raises(ValueError, match="trainer='scst' trains on cached embeddings of a frozen"):
+    trainers.check_trainer(config)

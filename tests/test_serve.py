@@ -18,10 +18,10 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from jaxcap import serve
+from jaxcap import predict
 from tests import browser
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,11 +54,18 @@ def _images(folder: pathlib.Path, count: int) -> list[pathlib.Path]:
 def server(trained_workdir):
   """scripts/serve.py on a free port, default host; yields (base URL, its output so far)."""
   port = _free_port()
-  process = subprocess.Popen(
-      [sys.executable, 'scripts/serve.py', '--workdir', trained_workdir, '--port', str(port),
-       '--batch_size', '8', '--beam', '3', f'--max_bytes={_MAX_BYTES}', f'--max_pixels={_MAX_PIXELS}'],
-      cwd=ROOT, env={**os.environ, 'XLA_FLAGS': ''}, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+  process = subprocess.Popen([
+      sys.executable, 'scripts/serve.py', '--workdir', trained_workdir, '--port',
+      str(port), '--batch_size', '8', '--beam', '3', f'--max_bytes={_MAX_BYTES}',
+      f'--max_pixels={_MAX_PIXELS}'
+  ],
+                             cwd=ROOT,
+                             env={
+                                 **os.environ, 'XLA_FLAGS': ''
+                             },
+                             stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT,
+                             text=True)
   # Its output, line by line, through a thread: a server that prints nothing cannot hold the
   # fixture past its deadline.
   output: queue.Queue = queue.Queue()
@@ -103,12 +110,14 @@ def _caption_py(workdir: str, paths, *flags: str) -> list[dict]:
 
 
 def test_batch_sizes():
-  assert serve.batch_sizes(1) == (1,)
-  assert serve.batch_sizes(8) == (1, 4, 8)
-  assert serve.batch_sizes(64) == (1, 4, 16, 64)
+  assert predict.batch_sizes(1) == (1,)
+  assert predict.batch_sizes(8) == (1, 4, 8)
+  assert predict.batch_sizes(64) == (1, 4, 16, 64)
+  assert predict.batch_sizes(20, multiple=8) == (8, 16, 24)  # Every device gets rows.
 
 
-def test_concurrent_clients_get_caption_py_captions_in_shared_batches(server, trained_workdir, tmp_path):
+def test_concurrent_clients_get_caption_py_captions_in_shared_batches(server, trained_workdir,
+                                                                      tmp_path):
   url, process = server
   paths = _images(tmp_path / 'images', 12)
   greedy = dict(zip(paths, _caption_py(trained_workdir, paths)))
@@ -168,8 +177,8 @@ def test_page_captions_an_image_chosen_in_a_real_browser(server, tmp_path):
   url, _ = server
   path = _images(tmp_path / 'images', 1)[0]
   _, expected = _post(url, path.read_bytes(), 'image/jpeg')
-  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
-  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import WebDriverWait
   driver = browser.headless_chromium()
   try:
     driver.get(url + '/')

@@ -33,7 +33,8 @@ def test_objects_are_drawn_in_their_colours():
 
 
 def test_parse_caption_counts_and_synonyms():
-  caption = 'Two big red circles, a tiny blue square and one small blue square on a noisy background'
+  caption = ('Two big red circles, a tiny blue square and one small blue square on a noisy '
+             'background')
   assert shapes.parse_caption(caption) == (
       (2, 'large', 'red', 'circle'), (2, 'small', 'blue', 'square'))
   assert shapes.parse_caption('there is nothing here') == ()

@@ -25,7 +25,8 @@ def test_matches_plain_cross_entropy(steps, chunk_steps):
   targets = jax.random.randint(keys[3], (4, steps), 0, 30)
   weights = (jnp.arange(steps)[None] < jnp.array([[steps], [3], [1], [0]])).astype(jnp.float32)
 
-  fused = softmax_loss.projected_cross_entropy(features, kernel, bias, targets, weights, chunk_steps)
+  fused = softmax_loss.projected_cross_entropy(features, kernel, bias, targets, weights,
+                                               chunk_steps)
   plain = plain_loss_sums(features, kernel, bias, targets, weights)
   np.testing.assert_allclose(fused, plain, rtol=1e-5)
   assert float(fused[1]) == float(plain[1])  # Correct-argmax counts are exact.
@@ -48,5 +49,7 @@ def test_bfloat16_features_keep_float32_parameter_gradients():
   grads = jax.grad(lambda k, b: softmax_loss.projected_cross_entropy(
       features, k, b, targets, weights, 2)[0], argnums=(0, 1))(kernel, bias)
   assert [g.dtype for g in grads] == [jnp.float32, jnp.float32]
-  plain = jax.grad(lambda k: plain_loss_sums(features.astype(jnp.float32), k, bias, targets, weights)[0])(kernel)
+  plain = jax.grad(
+      lambda k: plain_loss_sums(features.astype(jnp.float32), k, bias, targets, weights)[0])(
+          kernel)
   np.testing.assert_allclose(grads[0], plain, rtol=2e-2, atol=1e-2)

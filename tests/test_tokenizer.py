@@ -5,8 +5,10 @@ import numpy as np
 from jaxcap.data import shapes
 from jaxcap.data import tokenizer as tokenizer_lib
 
-CAPTIONS = [c for i in range(300)
-            for c in shapes.make_example(0, 0, i, image_size=32, min_objects=1, max_objects=3).captions]
+CAPTIONS = [
+    c for i in range(300)
+    for c in shapes.make_example(0, 0, i, image_size=32, min_objects=1, max_objects=3).captions
+]
 
 
 def test_round_trip_and_padding():
@@ -14,7 +16,7 @@ def test_round_trip_and_padding():
   rows = tok.encode(CAPTIONS[:20], max_len=24)
   assert rows.shape == (20, 24) and rows.dtype == np.int32
   assert (rows[:, 0] == tokenizer_lib.BOS_ID).all()
-  for row, caption in zip(rows, CAPTIONS[:20]):
+  for row in rows:
     length = int((row != tokenizer_lib.PAD_ID).sum())
     assert row[length - 1] == tokenizer_lib.EOS_ID
     assert (row[length:] == tokenizer_lib.PAD_ID).all()

@@ -11,6 +11,7 @@ import pytest
 from jaxcap import checkpoint
 from jaxcap import parallel
 from jaxcap import train
+from jaxcap import workdir as workdir_lib
 from jaxcap.data import tokenizer
 from tests.test_train_step import _state
 
@@ -21,10 +22,12 @@ def test_train_and_evaluate_writes_metrics_and_resumes(config, tmp_path):
   results = train.train_and_evaluate(config, workdir)
   assert set(results) == {'val', 'test'}
 
-  lines = [json.loads(line) for line in open(os.path.join(workdir, train.METRICS_FILENAME))]
-  assert [(r['step'], r['split']) for r in lines] == [(2, 'train'), (4, 'train'), (4, 'val'), (4, 'test')]
+  lines = [json.loads(line) for line in open(os.path.join(workdir, workdir_lib.METRICS))]
+  assert [(r['step'], r['split']) for r in lines] == [(2, 'train'), (4, 'train'), (4, 'val'),
+                                                      (4, 'test')]
   train_records, lines = lines[:2], lines[2:]
-  assert all({'train_loss', 'train_token_accuracy', 'learning_rate'} <= set(r) for r in train_records)
+  assert all(
+      {'train_loss', 'train_token_accuracy', 'learning_rate'} <= set(r) for r in train_records)
   assert 'steps_per_sec' in train_records[1]  # Step 2 holds the compilation, step 4 not.
   for record in lines:
     assert {'step', 'split', 'loss', 'bleu_1', 'bleu_2', 'bleu_3', 'bleu_4', 'meteor', 'rouge_l',
@@ -49,7 +52,7 @@ def test_train_and_evaluate_writes_metrics_and_resumes(config, tmp_path):
   train.train_and_evaluate(config, workdir)
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
   assert manager.all_steps() == [4, 6]
-  lines = [json.loads(line) for line in open(os.path.join(workdir, train.METRICS_FILENAME))]
+  lines = [json.loads(line) for line in open(os.path.join(workdir, workdir_lib.METRICS))]
   assert [(r['step'], r['split']) for r in lines][-2:] == [(6, 'val'), (6, 'test')]
   # Nothing left to do: the same command again restores step 6 and returns at once.
   assert train.train_and_evaluate(config, workdir) == {}

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from jaxcap import decode
-from jaxcap import inference
 from jaxcap import parallel
+from jaxcap import state as state_lib
 from jaxcap import train_step as train_step_lib
-from jaxcap.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from jaxcap.data.tokenizer import BOS_ID
+from jaxcap.data.tokenizer import EOS_ID
+from jaxcap.data.tokenizer import PAD_ID
 from jaxcap.models import captioner
 
 VOCAB = 40
@@ -29,7 +31,7 @@ def _random_batch(config, batch_size, seed=0):
 
 
 def _state(config, mesh, vocab_size=VOCAB):
-  return inference.initial_state(config, captioner.create_model(config.model, vocab_size), mesh)
+  return state_lib.initial_state(config, captioner.create_model(config.model, vocab_size), mesh)
 
 
 def _jit_step(mesh):
@@ -138,7 +140,7 @@ def test_decoder_alone_learns_from_embeddings(config):
   config.optimizer.learning_rate = 1e-2
   config.num_train_steps = 60
   model = captioner.create_model(config.model, VOCAB)
-  state = train_step_lib.create_decoder_state(config, model, jax.random.key(0), embedding_dim=12)
+  state = state_lib.create_decoder_state(config, model, jax.random.key(0), embedding_dim=12)
   assert set(state.params) == {'decoder'}
   batch = {'embedding': np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32),
            'tokens': _random_batch(config, 8)['tokens']}
@@ -153,7 +155,7 @@ def test_decoder_alone_learns_from_embeddings(config):
 def test_decoder_dropout_only_in_training_and_replayable(config):
   batch = {'embedding': np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32),
            'tokens': _random_batch(config, 8)['tokens']}
-  plain = train_step_lib.create_decoder_state(config, captioner.create_model(config.model, VOCAB),
+  plain = state_lib.create_decoder_state(config, captioner.create_model(config.model, VOCAB),
                                               jax.random.key(0), embedding_dim=12)
   config.model.dropout = 0.5
   dropped = plain.replace(apply_fn=captioner.create_model(config.model, VOCAB).apply)
@@ -166,7 +168,8 @@ def test_decoder_dropout_only_in_training_and_replayable(config):
   key = jax.random.key(1)
   dropped_loss = loss(dropped, train=True, rngs={'dropout': key})
   assert abs(float(dropped_loss) - float(loss(plain))) > 1e-3
-  assert float(dropped_loss) != float(loss(dropped, train=True, rngs={'dropout': jax.random.key(2)}))
+  assert float(dropped_loss) != float(
+      loss(dropped, train=True, rngs={'dropout': jax.random.key(2)}))
   # The step's mask is a pure function of (key, step): the same step twice is the same update,
   # the same key at another step (same parameters) another mask, so another loss.
   step = jax.jit(train_step_lib.decoder_train_step)

@@ -16,20 +16,21 @@ from __future__ import annotations
 
 import abc
 import collections
+from collections.abc import Iterator
 import dataclasses
 import hashlib
 import io
 import json
 import os
 import re
+from typing import Any
 import unicodedata
-from typing import Any, Iterator
 
 from absl import logging
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 from PIL import ImageOps
+import tensorflow_datasets as tfds
 
 SPLITS = ('train', 'restval', 'val', 'test')
 SKIPPED_FILENAME = 'skipped.json'
@@ -191,7 +192,8 @@ class CaptionFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       listed = len(splits.get(name, []))
       empty[name] = (f'its {listed} listed images were all skipped' if listed else
                      f'no image falls in it ({rule})')
-      logging.warning('%s: split %r has no images and is left out: %s', self.name, name, empty[name])
+      logging.warning('%s: split %r has no images and is left out: %s', self.name, name,
+                      empty[name])
     if not generators:
       raise DataError(f'{self.description}: no usable image in any split '
                       f'({rule}); see the reasons: {self._reason_counts()}')

@@ -47,7 +47,8 @@ def _official_records(annotations_path: str, image_dir: str, seen_ids: dict[int,
   captions = collections.defaultdict(list)
   for k, annotation in enumerate(annotations):
     where = f'{annotations_path}: annotations[{k}]'
-    image_id, caption_id = field(annotation, 'image_id', int, where), field(annotation, 'id', int, where)
+    image_id, caption_id = field(annotation, 'image_id', int,
+                                 where), field(annotation, 'id', int, where)
     text = annotation.get('caption')
     text = caption_files.normalize_caption(text) if isinstance(text, str) else ''
     if not text:
@@ -61,7 +62,8 @@ def _official_records(annotations_path: str, image_dir: str, seen_ids: dict[int,
     path = os.path.join(image_dir, file_name)
     if file_name in records or image_id in seen_ids:
       twin = 'file_name' if file_name in records else f'id (as {seen_ids[image_id]})'
-      skips.add(path, f'listed twice ({where} has the {twin} of an earlier image; the first is kept)')
+      skips.add(path,
+                f'listed twice ({where} has the {twin} of an earlier image; the first is kept)')
       continue
     seen_ids[image_id] = where
     records[file_name] = caption_files.ImageRecord(

@@ -8,9 +8,10 @@ Preprocessing steps are small pure functions from a feature dict to a feature di
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Iterator
 import dataclasses
 import socket
-from typing import Iterable, Iterator
 
 from absl import logging
 import ml_collections
@@ -47,12 +48,13 @@ _NETWORK_TIMEOUT_S = 5.0
 MISSING_COCO_MESSAGE = """\
 COCO captions are not prepared in {data_dir}, no local copy was given, and {host} cannot be reached.
 Get the data in one of two ways:
-  1. COCO already on disk (no download): pass --config.data.coco_dir=PATH, a folder with the official
-     layout: train2014/ (13 GB), val2014/ (6.2 GB), annotations/captions_{{train,val}}2014.json, and
-     optionally Karpathy's dataset_coco.json for the standard splits. Building it writes about 20 GB more
-     to the tfds data dir.
-  2. Download with tfds on a machine with internet access: tfds' coco_captions fetches about 38 GB
-     (including test sets it never uses) and writes about 20 GB; it cannot use manually placed files.
+  1. COCO already on disk (no download): pass --config.data.coco_dir=PATH, a folder with the
+     official layout: train2014/ (13 GB), val2014/ (6.2 GB),
+     annotations/captions_{{train,val}}2014.json, and optionally Karpathy's dataset_coco.json for
+     the standard splits. Building it writes about 20 GB more to the tfds data dir.
+  2. Download with tfds on a machine with internet access: tfds' coco_captions fetches about
+     38 GB (including test sets it never uses) and writes about 20 GB; it cannot use manually
+     placed files.
 Then run scripts/prepare_data.py with the same config to check the result."""
 
 # Datasets jaxcap reads from their files only (no tfds download exists or works for them).
@@ -79,8 +81,7 @@ def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
   else downloaded by tfds. With neither a prepared copy nor the network, or files that cannot be
   used, this stops at once with a DataError (DataNotFoundError when nothing was given).
   """
-  # .get: the config.json of a workdir trained before these fields existed has neither.
-  karpathy_json, image_dir = data_config.get('karpathy_json'), data_config.get('image_dir')
+  karpathy_json, image_dir = data_config.karpathy_json, data_config.image_dir
   if karpathy_json or image_dir:
     if not (karpathy_json and image_dir):
       raise DataError('config.data.karpathy_json and config.data.image_dir go together: the '
@@ -170,7 +171,7 @@ class TokenTable:
 
   @classmethod
   def build(cls, captions: SplitCaptions, tokenizer: tokenizer_lib.Tokenizer,
-            max_len: int) -> 'TokenTable':
+            max_len: int) -> TokenTable:
     max_captions = max((len(t) for t in captions.texts), default=1)
     tokens = np.full((len(captions.texts), max_captions, max_len), tokenizer_lib.PAD_ID, np.int32)
     rows = tokenizer.encode(captions.all_texts(), max_len)
@@ -310,8 +311,13 @@ def _decode_image(builder: tfds.core.DatasetBuilder):
   return decode
 
 
-def shard_stream(builder: tfds.core.DatasetBuilder, split: str, table: TokenTable,
-                 data_config: ml_collections.ConfigDict, *, seed: int, start: int = 0) -> tf.data.Dataset:
+def shard_stream(builder: tfds.core.DatasetBuilder,
+                 split: str,
+                 table: TokenTable,
+                 data_config: ml_collections.ConfigDict,
+                 *,
+                 seed: int,
+                 start: int = 0) -> tf.data.Dataset:
   """An endless stream of {'image', 'tokens'} examples of `split`, a pure function of `seed`,
   from its `start`-th example on.
 
@@ -340,7 +346,8 @@ def shard_stream(builder: tfds.core.DatasetBuilder, split: str, table: TokenTabl
                 num_parallel_calls=tf.data.AUTOTUNE)
   elif not decoded:
     preprocess = preprocess_image(data_config.image_size)
-    ds = ds.map(lambda index, features: (index, preprocess(features)), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+        lambda index, features: (index, preprocess(features)), num_parallel_calls=tf.data.AUTOTUNE)
   return ds.map(pick_caption(seed), num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -441,10 +448,14 @@ def pad_batch(batch: Batch, batch_size: int) -> Batch:
   missing = batch_size - len(batch['mask'])
   if missing == 0:
     return batch
-  return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+  return {
+      k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
+  }
 
 
-def eval_batches(ds: tf.data.Dataset, batch_size: int, num_batches: int | None = None) -> Iterator[Batch]:
+def eval_batches(ds: tf.data.Dataset,
+                 batch_size: int,
+                 num_batches: int | None = None) -> Iterator[Batch]:
   """Batches padded to `batch_size`, then (to `num_batches`) batches of padding only.
 
   A process whose share of a split is empty (a split smaller than the number of processes)

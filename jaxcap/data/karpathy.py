@@ -64,7 +64,8 @@ def _captions(entry: dict[str, Any], where: str, first_id: int,
   for k, sentence in enumerate(field(entry, 'sentences', list, where)):
     raw = sentence.get('raw') if isinstance(sentence, dict) else None
     if not isinstance(raw, str):
-      skips.add(f'{entry["filename"]} sentence {k}', f'sentence without raw ({where}.sentences[{k}] '
+      skips.add(f'{entry["filename"]} sentence {k}',
+                f'sentence without raw ({where}.sentences[{k}] '
                 'has no "raw" string)')
       continue
     text = caption_files.normalize_caption(raw)

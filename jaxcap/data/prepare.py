@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 import dataclasses
 import os
 import time
-from typing import Iterator
 
 import jax
 import ml_collections

@@ -9,9 +9,10 @@ multiset and a generated caption scored by `scene_accuracy`.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
+from collections.abc import Sequence
 import dataclasses
 import re
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -85,7 +86,8 @@ def _mask(shape: str, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarr
   raise ValueError(f'unknown shape {shape!r}')
 
 
-def _place(rng: np.random.Generator, radii: Sequence[float], size: int) -> list[tuple[float, float]]:
+def _place(rng: np.random.Generator, radii: Sequence[float],
+           size: int) -> list[tuple[float, float]]:
   """Random non-overlapping centres, by rejection sampling with restarts."""
   margin = _MARGIN_FRACTION * size
   for _ in range(_PLACEMENT_TRIES):
@@ -195,7 +197,8 @@ def scene_accuracy(generated: Sequence[str], references: Sequence[Sequence[str]]
 # --------------------------------------------------------------------------- scenes
 
 
-def sample_objects(rng: np.random.Generator, min_objects: int, max_objects: int) -> tuple[Object, ...]:
+def sample_objects(rng: np.random.Generator, min_objects: int,
+                   max_objects: int) -> tuple[Object, ...]:
   num_objects = int(rng.integers(min_objects, max_objects + 1))
   return tuple((str(rng.choice(SIZES)), str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
                for _ in range(num_objects))

@@ -6,9 +6,11 @@ exact vocabulary the parameters were trained with.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
 import io
 import os
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -32,7 +34,7 @@ class Tokenizer:
                        f'{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)} (pad, unk, bos, eos)')
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> 'Tokenizer':
+  def load(cls, path: str | os.PathLike) -> Tokenizer:
     with open(path, 'rb') as f:
       return cls(f.read())
 

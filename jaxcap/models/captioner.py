@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxcap.data.tokenizer import BOS_ID, PAD_ID
+from jaxcap.data.tokenizer import BOS_ID
+from jaxcap.data.tokenizer import PAD_ID
 from jaxcap.models import decoder as decoder_lib
 from jaxcap.models import encoders
 from jaxcap.models import inception_v3
@@ -71,7 +72,7 @@ def create_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Ca
       image_bottleneck=model_config.image_bottleneck,
       logit_bottleneck=model_config.logit_bottleneck,
       loss_chunk_steps=model_config.loss_chunk_steps, lstm_unroll=model_config.lstm_unroll,
-      dropout=model_config.get('dropout', 0.0), dtype=dtype)
+      dropout=model_config.dropout, dtype=dtype)
   return Captioner(encoder=encoders.create_encoder(model_config, dtype), decoder=decoder,
                    train_encoder=model_config.train_encoder)
 

@@ -1,4 +1,4 @@
-"""The Show-and-Tell caption decoder of the course project, in Flax linen.
+"""The Show-and-Tell caption decoder, in Flax linen.
 
 image embedding -> Dense bottleneck (elu) -> Dense to the LSTM size (elu) = the LSTM's initial
 c and h; word embedding -> LSTM (nn.RNN, a scan under jit) -> Dense bottleneck (elu) -> logits.
@@ -28,7 +28,8 @@ class LogitsProjection(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.kernel = self.param('kernel', nn.initializers.lecun_normal(), (self.features_in, self.vocab_size))
+    self.kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                             (self.features_in, self.vocab_size))
     self.bias = self.param('bias', nn.initializers.zeros_init(), (self.vocab_size,))
 
   def __call__(self, features: jnp.ndarray) -> jnp.ndarray:
@@ -76,7 +77,10 @@ class Decoder(nn.Module):
     state = nn.elu(self.bottleneck_to_state(bottleneck))
     return state, state
 
-  def _lstm(self, carry: Carry, tokens: jnp.ndarray, train: bool = False) -> tuple[Carry, jnp.ndarray]:
+  def _lstm(self,
+            carry: Carry,
+            tokens: jnp.ndarray,
+            train: bool = False) -> tuple[Carry, jnp.ndarray]:
     """(B, T) ids -> final carry and (B, T, logit_bottleneck) features of the next-id logits.
     `train` applies dropout (its rng stream: 'dropout')."""
     embedded = self.embedding_dropout(self.word_embedding(tokens), deterministic=not train)
@@ -96,7 +100,8 @@ class Decoder(nn.Module):
     """Teacher forcing, scored: sums of weighted cross-entropy and correct argmaxes (of the
     distribution without `excluded_ids`, at `temperature`, when given)."""
     _, features = self._lstm(self.initial_state(image_embedding), input_tokens, train)
-    return self.bottleneck_to_logits.loss_sums(features, targets, weights, excluded_ids, temperature)
+    return self.bottleneck_to_logits.loss_sums(features, targets, weights, excluded_ids,
+                                               temperature)
 
   def step(self, carry: Carry, tokens: jnp.ndarray) -> tuple[Carry, jnp.ndarray]:
     """One decoding step: (B,) ids -> new carry and (B, vocab) logits of the next id."""

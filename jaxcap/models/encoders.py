@@ -5,7 +5,9 @@ Each encoder also sows its last spatial map as `intermediates/spatial_map`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -71,10 +73,9 @@ class ZeroEncoder(nn.Module):
 
 
 def _small_cnn(config: ml_collections.ConfigDict, dtype) -> nn.Module:
-  # .get: a run saved before these fields existed was trained without them.
   return SmallCNN(features=tuple(config.small_cnn.features), bn_momentum=config.bn_momentum,
-                  pool_before_norm=config.small_cnn.get('pool_before_norm', False),
-                  strided_first_conv=config.small_cnn.get('strided_first_conv', False), dtype=dtype)
+                  pool_before_norm=config.small_cnn.pool_before_norm,
+                  strided_first_conv=config.small_cnn.strided_first_conv, dtype=dtype)
 
 
 def _inception_v3(config: ml_collections.ConfigDict, dtype) -> nn.Module:

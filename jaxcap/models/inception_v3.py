@@ -174,7 +174,8 @@ class InceptionV3(nn.Module):
     embedding = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if not self.include_top:
       return embedding
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='predictions')(embedding).astype(jnp.float32)
+    return nn.Dense(
+        self.num_classes, dtype=self.dtype, name='predictions')(embedding).astype(jnp.float32)
 
 
 def keras_layer_order() -> tuple[list[int], list[int]]:
@@ -275,7 +276,8 @@ def read_keras_h5(path: str) -> list[tuple[str, list[np.ndarray]]]:
       if 'layers' in root:
         return _read_keras3_h5(path, root)
   except (OSError, KeyError, ValueError) as error:
-    raise WeightsError(f'{path}: cannot read Keras weights from this HDF5 file ({error})') from error
+    raise WeightsError(
+        f'{path}: cannot read Keras weights from this HDF5 file ({error})') from error
   raise WeightsError(f'{path}: neither a legacy Keras HDF5 weights file (no layer_names) nor a '
                      'Keras 3 .weights.h5 file (no layers group)')
 
@@ -312,8 +314,9 @@ def load_keras_weights(path: str, include_top: bool = False) -> dict[str, Any]:
     elif len(arrays) == 2 and arrays[0].ndim == 2 and arrays[1].ndim == 1:
       dense.append((name, arrays))
     else:
-      raise WeightsError(f'{path}: layer {name!r} with weights of shapes {shapes} is not part of '
-                         'InceptionV3 (conv without bias, batch norm without scale, or the top Dense)')
+      raise WeightsError(
+          f'{path}: layer {name!r} with weights of shapes {shapes} is not part of '
+          'InceptionV3 (conv without bias, batch norm without scale, or the top Dense)')
   for kind, found in (('Conv2D', convs), ('BatchNormalization', norms)):
     if len(found) != NUM_CONV_BN:
       raise WeightsError(f'{path}: {len(found)} {kind} layers with InceptionV3 weights, expected '
@@ -400,4 +403,5 @@ def load_pretrained(directory: str, include_top: bool = False) -> dict[str, Any]
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           _expected_variables(include_top))
   checkpointer = ocp.StandardCheckpointer()
-  return checkpointer.restore(os.path.join(os.path.abspath(directory), _VARIABLES_DIRNAME), abstract)
+  return checkpointer.restore(
+      os.path.join(os.path.abspath(directory), _VARIABLES_DIRNAME), abstract)

@@ -62,7 +62,8 @@ def _chunk_loss(features, kernel, bias, targets, weights, with_grads: bool,
     rows = rows / temperature
   features_rows = features.reshape(rows.shape[0], -1)
   kernel_grad = features_rows.T.astype(jnp.float32) @ rows
-  features_grad = (rows.astype(features.dtype) @ kernel.T.astype(features.dtype)).reshape(features.shape)
+  features_grad = (rows.astype(features.dtype) @ kernel.T.astype(features.dtype)).reshape(
+      features.shape)
   return loss_sum, correct, (features_grad, kernel_grad, jnp.sum(rows, axis=0))
 
 
@@ -75,7 +76,8 @@ def _scan_chunks(features, kernel, bias, targets, weights, chunk_steps: int, wit
     loss_sum, correct, kernel_grad, bias_grad = carry
     chunk_features, chunk_targets, chunk_weights = chunk
     chunk_loss, chunk_correct, grads = _chunk_loss(chunk_features, kernel, bias, chunk_targets,
-                                                   chunk_weights, with_grads, excluded_ids, temperature)
+                                                   chunk_weights, with_grads, excluded_ids,
+                                                   temperature)
     if grads is None:
       return (loss_sum + chunk_loss, correct + chunk_correct, kernel_grad, bias_grad), None
     features_grad, chunk_kernel_grad, chunk_bias_grad = grads
@@ -88,7 +90,8 @@ def _scan_chunks(features, kernel, bias, targets, weights, chunk_steps: int, wit
   if not with_grads:
     return loss_sum, correct, None
   features_grad = _from_time_chunks(features_grad, steps)
-  return loss_sum, correct, (features_grad, kernel_grad.astype(kernel.dtype), bias_grad.astype(bias.dtype))
+  return loss_sum, correct, (features_grad, kernel_grad.astype(kernel.dtype),
+                             bias_grad.astype(bias.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -111,8 +114,9 @@ def projected_cross_entropy(features: jax.Array, kernel: jax.Array, bias: jax.Ar
 
 
 def _forward(features, kernel, bias, targets, weights, chunk_steps, excluded_ids, temperature):
-  loss_sum, correct, grads = _scan_chunks(features, kernel, bias, targets, weights.astype(jnp.float32),
-                                          chunk_steps, True, excluded_ids, temperature)
+  loss_sum, correct, grads = _scan_chunks(features, kernel, bias, targets,
+                                          weights.astype(jnp.float32), chunk_steps, True,
+                                          excluded_ids, temperature)
   return (loss_sum, correct), grads
 
 

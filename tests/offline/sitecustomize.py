@@ -41,7 +41,8 @@ def _guarded_getaddrinfo(host, *args, **kwargs):
     ipaddress.ip_address(host.decode() if isinstance(host, bytes) else host)
   except (ValueError, AttributeError):
     if not _is_local(host):
-      raise socket.gaierror(socket.EAI_NONAME, f'the tests run offline: no lookup of {host}') from None
+      raise socket.gaierror(socket.EAI_NONAME,
+                            f'the tests run offline: no lookup of {host}') from None
   return _getaddrinfo(host, *args, **kwargs)
 
 

@@ -1,4 +1,5 @@
-"""Decoder training with the whole training set resident on the devices.
+"""The 'features' trainer: the decoder alone, with the training set's cached embeddings and
+caption rows resident on the devices.
 
 Cached image embeddings and their token rows are placed on the devices once, split along the
 mesh's 'data' axis. One jitted call then runs K optimizer steps in a `lax.scan`: each step picks
@@ -18,16 +19,27 @@ picking a batch needs no communication.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+import functools
+import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxcap import parallel
+from jaxcap import state as state_lib
 from jaxcap import train_step as train_step_lib
 from jaxcap.data.tokenizer import PAD_ID
+from jaxcap.models import captioner
+from jaxcap.trainers import resident
+from jaxcap.trainers.base import Setup
+from jaxcap.trainers.base import Trainer
 
 Batch = dict[str, jax.Array]
 
@@ -49,7 +61,8 @@ class Order(NamedTuple):
 def check_length_buckets(buckets: Sequence[int], max_len: int) -> tuple[int, ...]:
   """Sorted token-row lengths to cut batches to, ending with max_len (longer ones dropped)."""
   if any(int(b) < 2 for b in buckets):
-    raise ValueError(f'config.data.length_buckets={tuple(buckets)}: a row holds at least BOS and EOS (2)')
+    raise ValueError(
+        f'config.data.length_buckets={tuple(buckets)}: a row holds at least BOS and EOS (2)')
   return tuple(sorted(set(int(b) for b in buckets if b < max_len))) + (max_len,)
 
 
@@ -79,35 +92,26 @@ def place(embedding: np.ndarray, tokens: np.ndarray, image_index: np.ndarray,
   has the same shape (for COCO a handful of captions).
   """
   num_shards = mesh.size
-  images_per_shard = len(embedding) // num_shards
-  if images_per_shard == 0:
-    raise ValueError(f'{len(embedding)} images cannot be split over {num_shards} devices')
+  per_shard = resident.images_per_shard(len(embedding), mesh)
   image_index = np.asarray(image_index)
-  shard_of_row = image_index // images_per_shard
+  shard_of_row = image_index // per_shard
   rows = [np.flatnonzero(shard_of_row == shard) for shard in range(num_shards)]
   rows_per_shard = min(len(r) for r in rows)
   rows = np.stack([r[:rows_per_shard] for r in rows])  # (shards, rows_per_shard)
   shard_tokens = np.asarray(tokens)[rows]
-  shard_images = np.asarray(embedding)[:num_shards * images_per_shard].reshape(
-      num_shards, images_per_shard, -1)
-  put = lambda array: put_sharded(array, mesh)
-  return ResidentData(put(shard_images.astype(dtype)), put(shard_tokens),
-                      put((image_index[rows] % images_per_shard).astype(np.int32)),
-                      put(bucket_index(shard_tokens.reshape(-1, shard_tokens.shape[-1]), buckets)
-                          .reshape(rows.shape)))
-
-
-def put_sharded(array: np.ndarray, mesh: Mesh) -> jax.Array:
-  """A host array (the same on every process) split along its first axis over the mesh."""
-  sharding = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
-  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+  put = lambda array: resident.put_sharded(array, mesh)
+  bucket = bucket_index(shard_tokens.reshape(-1, shard_tokens.shape[-1]), buckets)
+  return ResidentData(resident.image_blocks(np.asarray(embedding).astype(dtype), mesh),
+                      put(shard_tokens), put((image_index[rows] % per_shard).astype(np.int32)),
+                      put(bucket.reshape(rows.shape)))
 
 
 def first_order(data: ResidentData, per_shard_batch: int) -> Order:
   steps = data.tokens.shape[1] // per_shard_batch
   indices = jnp.zeros((data.tokens.shape[0], steps, per_shard_batch), jnp.int32)
   indices = jax.device_put(indices, data.tokens.sharding)
-  epoch = jax.device_put(jnp.array(-1, jnp.int32), NamedSharding(data.tokens.sharding.mesh, PartitionSpec()))
+  replicated = NamedSharding(data.tokens.sharding.mesh, PartitionSpec())
+  epoch = jax.device_put(jnp.array(-1, jnp.int32), replicated)
   return Order(epoch=epoch, indices=indices)
 
 
@@ -132,24 +136,24 @@ def batch_at(data: ResidentData, order: Order, seed_key: jax.Array, step: jax.Ar
   """The order (redrawn at an epoch boundary), the batch of `step` and its bucket index."""
   steps_per_epoch = order.indices.shape[1]
   epoch, position = jnp.divmod(step, steps_per_epoch)
+  order_key = jax.random.fold_in(state_lib.rng_stream(seed_key, 'order'), epoch)
   order = jax.lax.cond(
       epoch != order.epoch,
-      lambda: Order(epoch.astype(jnp.int32),
-                    epoch_order(jax.random.fold_in(train_step_lib.rng_stream(seed_key, 'order'), epoch), data.bucket, per_shard_batch)),
+      lambda: Order(epoch.astype(jnp.int32), epoch_order(order_key, data.bucket, per_shard_batch)),
       lambda: order)
   rows = order.indices[:, position]  # (shards, per_shard_batch)
   take = jax.vmap(lambda array, index: array[index])
-  tokens, image_index, bucket = (take(array, rows) for array in (data.tokens, data.image_index, data.bucket))
+  tokens, image_index, bucket = (
+      take(array, rows) for array in (data.tokens, data.image_index, data.bucket))
   embedding = take(data.embedding, image_index)
   batch = {'embedding': embedding.reshape(-1, embedding.shape[-1]).astype(jnp.float32),
            'tokens': tokens.reshape(-1, tokens.shape[-1])}
   return order, batch, jnp.max(bucket)
 
 
-def make_train_steps(buckets: Sequence[int], per_shard_batch: int,
-                     steps_per_call: int) -> Callable:
-  """`(state, order, data, seed_key) -> (state, order, metrics)`: `steps_per_call` decoder
-  steps in one `lax.scan`; metrics are stacked along a leading axis of that length."""
+def make_train_step(buckets: Sequence[int], per_shard_batch: int) -> Callable:
+  """`((state, order), data, seed_key) -> ((state, order), metrics)`: the decoder step of
+  state.step, on the batch it picks on the devices, run up to that batch's bucket length."""
   def step_at(length):
     def run(state, batch, dropout_key):
       return train_step_lib.decoder_train_step(
@@ -158,20 +162,45 @@ def make_train_steps(buckets: Sequence[int], per_shard_batch: int,
 
   branches = [step_at(length) for length in buckets]
 
-  def train_steps(state, order, data, seed_key):
-    dropout_key = train_step_lib.rng_stream(seed_key, 'dropout')
+  def train_step(carry, data, seed_key):
+    state, order = carry
+    dropout_key = state_lib.rng_stream(seed_key, 'dropout')
+    order, batch, bucket = batch_at(data, order, seed_key, state.step, per_shard_batch)
+    state, metrics = jax.lax.switch(bucket, branches, state, batch, dropout_key)
+    return (state, order), metrics
 
-    def body(carry, _):
-      state, order = carry
-      order, batch, bucket = batch_at(data, order, seed_key, state.step, per_shard_batch)
-      state, metrics = jax.lax.switch(bucket, branches, state, batch, dropout_key)
-      return (state, order), metrics
-    (state, order), metrics = jax.lax.scan(body, (state, order), length=steps_per_call)
-    return state, order, metrics
-
-  return train_steps
+  return train_step
 
 
-def jit_train_steps(buckets: Sequence[int], per_shard_batch: int, steps_per_call: int):
-  """`make_train_steps` jitted, the state and order donated."""
-  return jax.jit(make_train_steps(buckets, per_shard_batch, steps_per_call), donate_argnums=(0, 1))
+def make(state: state_lib.TrainState, embedding: np.ndarray, tokens: np.ndarray,
+         image_index: np.ndarray, config: ml_collections.ConfigDict, mesh: Mesh,
+         full_state: Callable = lambda s: s) -> Trainer:
+  """The trainer of a decoder `state` on cached `embedding`s and their caption rows
+  (`tokens`, each with the `image_index` of its embedding), placed on the devices."""
+  buckets = check_length_buckets(config.data.length_buckets, config.data.max_len)
+  data = place(embedding, tokens, image_index, buckets, mesh, captioner.DTYPES[config.model.dtype])
+  per_shard_batch = resident.per_shard_batch(config, mesh, data.tokens.shape[1], 'captions')
+  seed_key = resident.seed_key(config, mesh)
+  steps_fn = resident.jit_steps(make_train_step(buckets, per_shard_batch))
+  holder = {'order': first_order(data, per_shard_batch)}
+
+  def run(state, num_steps):
+    (state, holder['order']), metrics = steps_fn(num_steps)(
+        (state, holder['order']), data, seed_key)
+    return state, metrics
+
+  return Trainer(state, run, config.resident.steps_per_call, full_state,
+                 {'examples_per_sec': config.batch_size})
+
+
+def build(setup: Setup) -> Trainer:
+  """The decoder trained on the training split's cached embeddings."""
+  config, mesh = setup.config, setup.mesh
+  cached = setup.cached_features()
+  tokens, image_index = resident.caption_rows(cached, setup.train_table)
+  logging.info('Resident training data: %d captions of %d images, %s embeddings, on %d devices',
+               len(tokens), len(cached.image_ids), config.model.dtype, mesh.size)
+  state = state_lib.initial_decoder_state(config, setup.model, mesh, cached.embedding.shape[1])
+  state = setup.checkpoints.restore_latest(state)
+  return make(state, cached.embedding, tokens, image_index, config, mesh,
+              functools.partial(state_lib.with_trained_decoder, setup.full_state))

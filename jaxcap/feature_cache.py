@@ -12,14 +12,16 @@ of the split); the embeddings are gathered, and process 0 writes them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -27,7 +29,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxcap import parallel
+from jaxcap import predict
+from jaxcap import workdir as workdir_lib
 from jaxcap.data import input_pipeline
+from jaxcap.data import prepare
+from jaxcap.models import captioner
 
 FINGERPRINT_FILENAME = 'fingerprint.json'
 COMPLETE_FILENAME = 'complete.json'
@@ -95,28 +101,9 @@ def _read_parts(directory: str) -> SplitFeatures:
 def load(directory: str) -> SplitFeatures:
   """A complete cache folder's image ids and embeddings, in extraction order."""
   if not os.path.exists(os.path.join(directory, COMPLETE_FILENAME)):
-    raise FileNotFoundError(f'{directory}: no complete feature cache (run scripts/extract_features.py)')
+    raise FileNotFoundError(
+        f'{directory}: no complete feature cache (run scripts/extract_features.py)')
   return _read_parts(directory)
-
-
-def caption_rows(features: SplitFeatures,
-                 table: input_pipeline.TokenTable) -> tuple[np.ndarray, np.ndarray]:
-  """Every caption of the cached images as a token row (R, L), with the index of its image's
-  row in `features.embedding` (R,)."""
-  table_row = {image_id: row for row, image_id in enumerate(table.image_ids.tolist())}
-  tokens, image_index = [], []
-  for index, image_id in enumerate(features.image_ids.tolist()):
-    row = table_row[image_id]
-    tokens.append(table.tokens[row, :table.counts[row]])
-    image_index.append(np.full(table.counts[row], index))
-  return np.concatenate(tokens), np.concatenate(image_index)
-
-
-def references(features: SplitFeatures, table: input_pipeline.TokenTable) -> tuple[np.ndarray, np.ndarray]:
-  """Each cached image's captions (I, C, L) in `features.embedding`'s order, and their counts."""
-  table_row = {image_id: row for row, image_id in enumerate(table.image_ids.tolist())}
-  rows = np.asarray([table_row[image_id] for image_id in features.image_ids.tolist()], np.int64)
-  return table.tokens[rows], table.counts[rows]
 
 
 def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collections.ConfigDict,
@@ -151,7 +138,8 @@ def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collection
   num_parts = -(-num_batches // features.batches_per_part)
   done_parts = _complete_parts(directory)
   if done_parts:
-    logging.info('Feature cache %s: resuming after %d of %d parts', directory, done_parts, num_parts)
+    logging.info('Feature cache %s: resuming after %d of %d parts', directory, done_parts,
+                 num_parts)
   start_batch = done_parts * features.batches_per_part
   ds = input_pipeline.image_dataset(
       builder, split, config.data, batch_size=batch_size, start=start_batch * batch_size,
@@ -165,13 +153,14 @@ def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collection
   for part in range(done_parts, num_parts):
     embeddings, image_ids = [], []
     for _ in range(min(features.batches_per_part, num_batches - part * features.batches_per_part)):
-      embedding, ids, mask = jax.device_get(encode(state, parallel.shard_batch(next(batches), mesh)))
+      embedding, ids, mask = jax.device_get(
+          encode(state, parallel.shard_batch(next(batches), mesh)))
       real = np.asarray(mask) > 0
       embeddings.append(np.asarray(embedding)[real].astype(storage_dtype))
       image_ids.append(np.asarray(ids)[real].astype(np.int64))
     if is_chief:
-      _write_atomically(_part_path(directory, part), lambda f: np.savez(
-          f, image_ids=np.concatenate(image_ids), embedding=np.concatenate(embeddings)))
+      _write_atomically(_part_path(directory, part), functools.partial(
+          np.savez, image_ids=np.concatenate(image_ids), embedding=np.concatenate(embeddings)))
     logging.info('Feature cache %s: part %d/%d (%.0f images/s)', directory, part + 1, num_parts,
                  sum(len(i) for i in image_ids) / max(time.perf_counter() - start, 1e-9))
     start = time.perf_counter()
@@ -194,20 +183,11 @@ def _mark_complete(directory: str, num_examples: int) -> SplitFeatures:
   return result
 
 
-def directory(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Where a run's feature cache lives: config.features.cache_dir, or WORKDIR/features."""
-  return config.features.cache_dir or os.path.join(workdir, 'features')
-
-
 def extract_splits(config: ml_collections.ConfigDict, workdir: str,
                    splits: Sequence[str] | None = None) -> dict[str, SplitFeatures]:
   """Fills the feature cache of `splits` (default: the training split and the eval splits)
   with the config's (frozen) encoder, as training would; returns each split's cached features.
   Complete, current caches are only read."""
-  # The model side, imported here: jaxcap.data stays below the models.
-  from jaxcap import inference  # pylint: disable=g-import-not-at-top
-  from jaxcap.data import prepare  # pylint: disable=g-import-not-at-top
-  from jaxcap.models import captioner  # pylint: disable=g-import-not-at-top
   encoder_weights = captioner.load_encoder_weights(config.model)
   prepared = prepare.prepare(config, workdir)
   if splits is None:
@@ -215,6 +195,6 @@ def extract_splits(config: ml_collections.ConfigDict, workdir: str,
   splits = [input_pipeline.resolve_split(prepared.builder, split, 'splits') for split in splits]
   mesh = parallel.make_mesh()
   model = captioner.create_model(config.model, prepared.tokenizer.vocab_size)
-  full_state = inference.initial_state(config, model, mesh, encoder_weights)
+  full_state = predict.full_model_state(config, model, mesh, encoder_weights)
   return {split: extract(prepared.builder, split, config, full_state, mesh,
-                         directory(config, workdir)) for split in splits}
+                         workdir_lib.features_dir(config, workdir)) for split in splits}

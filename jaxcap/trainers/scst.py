@@ -1,4 +1,4 @@
-"""Self-critical sequence training (SCST, Rennie et al. 2017) on cached embeddings on the devices.
+"""The 'scst' trainer: self-critical sequence training (Rennie et al. 2017) on cached embeddings.
 
 Each step draws its images on the device, samples `num_samples` captions of each, scores them
 with CIDEr-D against the image's training references (`jaxcap.rewards`, inside the step), and
@@ -7,27 +7,36 @@ follows the policy gradient of `-(reward - baseline) * sum log p(token)` over th
 the image's other samples ('mean_of_others', the "new self-critical" variant) or the reward of
 its greedy caption ('greedy', the original). One jitted call runs K steps in a `lax.scan`.
 
-Images and their references are placed once, split along the mesh's 'data' axis in
-contiguous blocks (as `jaxcap.resident` places cached embeddings); each device shard draws its
-share of a step's images from its own block, so drawing needs no communication. Image order is
-a pure function of (seed, step): a resumed run replays exactly.
+Images and their references are placed once, in contiguous blocks along the mesh's 'data' axis
+(`jaxcap.trainers.resident`); each device shard draws its share of a step's images from its own
+block, so drawing needs no communication. Image order is a pure function of (seed, step): a
+resumed run replays exactly.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+import functools
+import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 from jaxcap import decode
-from jaxcap import resident
+from jaxcap import parallel
 from jaxcap import rewards
-from jaxcap import train_step as train_step_lib
-from jaxcap.data.tokenizer import BOS_ID, PAD_ID
+from jaxcap import state as state_lib
+from jaxcap.data.tokenizer import BOS_ID
+from jaxcap.data.tokenizer import PAD_ID
+from jaxcap.models import captioner
+from jaxcap.trainers import resident
+from jaxcap.trainers.base import Setup
+from jaxcap.trainers.base import Trainer
 
 BASELINES = ('mean_of_others', 'greedy')
 
@@ -42,16 +51,8 @@ def place(embedding: np.ndarray, references: rewards.ImageReferences, mesh: Mesh
           dtype=jnp.float32) -> ScstData:
   """Whole-split arrays (the same on every process) -> contiguous blocks, one per device (the
   last few images dropped)."""
-  num_shards = mesh.size
-  images_per_shard = len(embedding) // num_shards
-  if images_per_shard == 0:
-    raise ValueError(f'{len(embedding)} images cannot be split over {num_shards} devices')
-
-  def blocks(array):
-    array = np.asarray(array)[:num_shards * images_per_shard]
-    return resident.put_sharded(array.reshape(num_shards, images_per_shard, *array.shape[1:]), mesh)
-  return ScstData(blocks(np.asarray(embedding).astype(dtype)),
-                  rewards.ImageReferences(*(blocks(x) for x in references)))
+  return ScstData(resident.image_blocks(np.asarray(embedding).astype(dtype), mesh),
+                  rewards.ImageReferences(*(resident.image_blocks(x, mesh) for x in references)))
 
 
 def images_at(order_key: jax.Array, step: jax.Array, num_shards: int, images_per_shard: int,
@@ -64,7 +65,8 @@ def images_at(order_key: jax.Array, step: jax.Array, num_shards: int, images_per
   return jax.lax.dynamic_slice_in_dim(order, position * per_shard_batch, per_shard_batch, axis=1)
 
 
-def baseline_rewards(sample_rewards: jax.Array, greedy_rewards: jax.Array, baseline: str) -> jax.Array:
+def baseline_rewards(sample_rewards: jax.Array, greedy_rewards: jax.Array,
+                     baseline: str) -> jax.Array:
   """(B, S) baseline of each sample's reward."""
   if baseline == 'mean_of_others':
     num_samples = sample_rewards.shape[1]
@@ -85,7 +87,8 @@ def policy_loss(params, apply_fn: Callable, embedding: jax.Array, samples: jax.A
   unpenalised, and training collapses). Teacher-forced on the samples through the decoder's
   chunked vocabulary projection: no (N, T, vocab) array.
   """
-  inputs = jnp.concatenate([jnp.full((samples.shape[0], 1), BOS_ID, samples.dtype), samples[:, :-1]], 1)
+  inputs = jnp.concatenate(
+      [jnp.full((samples.shape[0], 1), BOS_ID, samples.dtype), samples[:, :-1]], 1)
   mask = (samples != PAD_ID).astype(jnp.float32)
   num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
   weighted_nll, _ = apply_fn({'params': params}, embedding, inputs, samples,
@@ -101,10 +104,10 @@ def make_scst_step(*, per_shard_batch: int, num_samples: int, baseline: str, tem
   if num_samples < 2 and baseline == 'mean_of_others':
     raise ValueError('config.scst.num_samples must be at least 2 for the mean_of_others baseline')
 
-  def step(state: train_step_lib.TrainState, data: ScstData, tables: rewards.NgramTables,
+  def step(state: state_lib.TrainState, data: ScstData, tables: rewards.NgramTables,
            seed_key: jax.Array):
-    order_key = train_step_lib.rng_stream(seed_key, 'order')
-    sample_key = train_step_lib.rng_stream(seed_key, 'sample')
+    order_key = state_lib.rng_stream(seed_key, 'order')
+    sample_key = state_lib.rng_stream(seed_key, 'sample')
     num_shards, images_per_shard = data.embedding.shape[:2]
     index = images_at(order_key, state.step, num_shards, images_per_shard, per_shard_batch)
     take = jax.vmap(lambda array, rows: array[rows])
@@ -121,7 +124,8 @@ def make_scst_step(*, per_shard_batch: int, num_samples: int, baseline: str, tem
     greedy = decode.greedy_from_embedding(state.apply_fn, variables, embedding, max_len)
     sample_references = rewards.gather_references(
         references, jnp.repeat(jnp.arange(batch_size), num_samples))
-    sample_rewards = rewards.scores(tables, sample_references, samples).reshape(batch_size, num_samples)
+    sample_rewards = rewards.scores(tables, sample_references,
+                                    samples).reshape(batch_size, num_samples)
     greedy_rewards = rewards.scores(tables, references, greedy)
     baselines = baseline_rewards(sample_rewards, greedy_rewards, baseline)
     advantage = jax.lax.stop_gradient(sample_rewards - baselines).reshape(-1)
@@ -139,13 +143,45 @@ def make_scst_step(*, per_shard_batch: int, num_samples: int, baseline: str, tem
   return step
 
 
-def jit_scst_steps(steps_per_call: int, **step_kwargs):
-  """`steps_per_call` self-critical steps in one `lax.scan`, jitted, the state donated:
-  `(state, data, tables, seed_key) -> (state, metrics stacked along the steps)`."""
-  step = make_scst_step(**step_kwargs)
+def config_step(config: ml_collections.ConfigDict, per_shard_batch: int) -> Callable:
+  """`make_scst_step` with `config.scst`'s settings."""
+  return make_scst_step(per_shard_batch=per_shard_batch, num_samples=config.scst.num_samples,
+                        baseline=config.scst.baseline, temperature=config.scst.temperature,
+                        max_len=config.scst.max_len)
 
-  def steps(state, data, tables, seed_key):
-    def body(state, _):
-      return step(state, data, tables, seed_key)
-    return jax.lax.scan(body, state, length=steps_per_call)
-  return jax.jit(steps, donate_argnums=0)
+
+def make(state: state_lib.TrainState, embedding: np.ndarray, scorer: rewards.CiderD,
+         config: ml_collections.ConfigDict, mesh: Mesh,
+         full_state: Callable = lambda s: s) -> Trainer:
+  """The self-critical trainer of a decoder `state` on cached `embedding`s, each image's
+  sampled captions scored by `scorer` (its references in the embeddings' order)."""
+  data = place(embedding, scorer.references, mesh, captioner.DTYPES[config.model.dtype])
+  per_shard_batch = resident.per_shard_batch(config, mesh, data.embedding.shape[1], 'images')
+  tables = jax.device_put(scorer.tables, parallel.replicated(mesh))
+  seed_key = resident.seed_key(config, mesh)
+  steps_fn = resident.jit_steps(config_step(config, per_shard_batch))
+
+  def run(state, num_steps):
+    return steps_fn(num_steps)(state, data, tables, seed_key)
+
+  return Trainer(state, run, config.resident.steps_per_call, full_state,
+                 {'examples_per_sec': config.batch_size,
+                  'captions_per_sec': config.batch_size * config.scst.num_samples})
+
+
+def build(setup: Setup) -> Trainer:
+  """`setup.full_state`'s decoder (init_from's) fine-tuned on the training split's cached
+  embeddings, with a fresh optimizer (Adam's moments start at zero)."""
+  config, mesh = setup.config, setup.mesh
+  cached = setup.cached_features()
+  tokens, counts = resident.references(cached, setup.train_table)
+  # Rewards compare the ids after BOS, EOS included, as sampled captions have them.
+  scorer = rewards.CiderD.from_padded(tokens[:, :, 1:], counts, setup.vocab_size)
+  logging.info('Self-critical training: %d images with %d references each at most, %d samples '
+               'each, %s baseline, from %s', len(cached.image_ids), tokens.shape[1],
+               config.scst.num_samples, config.scst.baseline, config.scst.init_from)
+  state = state_lib.initial_decoder_state(config, setup.model, mesh, cached.embedding.shape[1])
+  state = state.replace(params={'decoder': setup.full_state.params['decoder']})
+  state = setup.checkpoints.restore_latest(state)
+  return make(state, cached.embedding, scorer, config, mesh,
+              functools.partial(state_lib.with_trained_decoder, setup.full_state))
