@@ -1,8 +1,10 @@
-"""The README demo: trains a captioner from scratch on a 2-core CPU (4.3-6 min on Zen 3: README).
+"""The README demo: a captioner trained from scratch, encoder included, on a 2-core CPU in
+minutes (README, "What the demo reaches").
 
   python scripts/train.py --config configs/demo.py --workdir workdirs/demo
 
-Calibrated so learning shows within minutes while the task still needs the image (see README).
+Sized so that it learns within the time while the task still needs the image: a blind decoder
+(`--config.model.encoder=zeros`) names almost no scene right.
 """
 
 from configs import default
@@ -20,19 +22,17 @@ def get_config():
   config.data.image_size = 64
   config.data.vocab_size = 128
   config.data.shapes.image_size = 64
-  # 1 or 2 objects. With up to 3 (and max_len 24), 2,200 steps took 8m49s here and reached
-  # scene_accuracy 0.52 (val) and 0.59 (test): short of the 0.6 bar.
+  # 1 or 2 objects: scenes of 3 need several times the steps to name right.
   config.data.shapes.max_objects = 2
   config.data.shapes.train_size = 8_000
   config.data.shapes.val_size = 500
   config.data.shapes.test_size = 500
 
-  # Half the default widths: 4.6 steps/s instead of 2.3 on a 2-core CPU.
+  # Half the default widths: about twice the steps/s on a 2-core CPU.
   config.model.small_cnn.features = (16, 32, 64, 128)
-  # The first conv strided, batch norm and ReLU after each pool: the step went from 3.0 to
-  # 4.7-5.5 steps/s on a 2-core Zen 3 (docs/benchmarks.md, "The demo on CPU") and test
-  # scene_accuracy from 0.754 to 0.860 at 1,900 steps, so the demo trains 1,500 (1,200 reached
-  # only 0.752 on a Xeon).
+  # The first conv strided, batch norm and ReLU after each pool: no work at full resolution
+  # after the first conv, and statistics of the pooled maps, faster and more accurate
+  # (docs/benchmarks.md, "The demo on CPU").
   config.model.small_cnn.pool_before_norm = True
   config.model.small_cnn.strided_first_conv = True
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxcap import predict
 from jaxcap.data import caption_files
-from jaxcap.data import input_pipeline
+from jaxcap.data import preprocess as preprocess_lib
 
 
 def set_decoding(config: ml_collections.ConfigDict, *, beam: int | None = None,
@@ -47,8 +47,8 @@ def image_from_bytes(data: bytes, image_size: int) -> np.ndarray:
   [-1, 1]. Raises OSError or ValueError for bytes that are not a whole image."""
   image = caption_files.image_from_bytes(data)
   if isinstance(image, bytes):
-    return input_pipeline.decode_and_preprocess(image, image_size).numpy()
-  return input_pipeline.preprocess_image(image_size)({'image': image})['image'].numpy()
+    return preprocess_lib.decode_and_preprocess(image, image_size).numpy()
+  return preprocess_lib.preprocess_image(image_size)({'image': image})['image'].numpy()
 
 
 def caption_paths(trained: predict.Trained, paths: Iterable[str]) -> list[tuple[str, dict]]:

@@ -29,8 +29,10 @@ from jaxcap import parallel
 from jaxcap import predict
 from jaxcap import train_step as train_step_lib
 from jaxcap import workdir as workdir_lib
+from jaxcap.data import captions as captions_lib
 from jaxcap.data import input_pipeline
 from jaxcap.data import shapes
+from jaxcap.data import sources
 from jaxcap.data import tokenizer as tokenizer_lib
 
 _METRIC_KEYS = ('bleu_1', 'bleu_2', 'bleu_3', 'bleu_4', 'meteor', 'rouge_l', 'cider')
@@ -168,12 +170,12 @@ class SplitEvaluator:
         config, mesh, (config.eval.batch_size,), extra_fn=lambda state, batch: {
             'sums': train_step_lib.eval_step(state, batch), 'image/id': batch['image/id'],
             'mask': batch['mask']})
-    self._splits: dict[str, tuple[dict, input_pipeline.TokenTable]] = {}
+    self._splits: dict[str, tuple[dict, captions_lib.TokenTable]] = {}
 
   def references(self, split: str) -> dict[int, tuple[str, ...]]:
     if split not in self._splits:
-      captions = input_pipeline.read_captions(self.builder, split)
-      table = input_pipeline.TokenTable.build(captions, self.tokenizer, self.config.data.max_len)
+      captions = captions_lib.read_captions(self.builder, split)
+      table = captions_lib.TokenTable.build(captions, self.tokenizer, self.config.data.max_len)
       self._splits[split] = (dict(zip(captions.image_ids.tolist(), captions.texts)), table)
     return self._splits[split][0]
 
@@ -219,8 +221,8 @@ def evaluate_workdir(trained: predict.Trained, workdir: str, split_name: str, *,
   decoding; writes the captions (COCO results format) and the metrics under WORKDIR/eval/, and
   with `gallery_images`, a gallery page of that many images (the first, by id)."""
   config = trained.config
-  builder = input_pipeline.get_builder(config.data)
-  split = input_pipeline.resolve_split(builder, split_name, '--split')
+  builder = sources.get_builder(config.data)
+  split = sources.resolve_split(builder, split_name, '--split')
   evaluator = SplitEvaluator(builder, trained.tokenizer, config, trained.mesh)
   result = evaluator(trained.state, split)
   step, method = int(trained.state.step), decoding_name(config.decode)

@@ -2,7 +2,7 @@
 
 The serving signature takes a batch of encoded images (JPEG or PNG bytes) and returns their
 captions and log-probabilities. Everything between happens in the graph: decoding the bytes,
-the evaluation preprocessing of training (`input_pipeline.preprocess_image`: centre square
+the evaluation preprocessing of training (`preprocess_lib.preprocess_image`: centre square
 crop, resize, [-1, 1]), the model and its decoding (greedy, beam or sampled, as configured),
 and the sentencepiece pieces joined back into text. The model part is the StableHLO JAX lowers,
 for CPU and CUDA, so TF Serving or any TF runtime with XLA runs what jaxcap runs.
@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from jaxcap import decode
 from jaxcap import predict
-from jaxcap.data import input_pipeline
+from jaxcap.data import preprocess as preprocess_lib
 from jaxcap.data import tokenizer as tokenizer_lib
 
 SIGNATURE = 'serving_default'
@@ -80,7 +80,7 @@ class CaptionModule(tf.Module):
   @tf.function(input_signature=[tf.TensorSpec((None,), tf.string, name='images')], autograph=False)
   def serve(self, images):
     pixels = tf.map_fn(
-        lambda encoded: input_pipeline.decode_and_preprocess(encoded, self.image_size), images,
+        lambda encoded: preprocess_lib.decode_and_preprocess(encoded, self.image_size), images,
         fn_output_signature=tf.TensorSpec((self.image_size, self.image_size, 3), tf.float32))
     count = tf.shape(images)[0]
     padded = -count % self.batch_size

@@ -33,11 +33,12 @@ from jaxcap import predict
 from jaxcap import workdir as workdir_lib
 from jaxcap.data import input_pipeline
 from jaxcap.data import prepare
+from jaxcap.data import sources
 from jaxcap.models import captioner
 
 FINGERPRINT_FILENAME = 'fingerprint.json'
 COMPLETE_FILENAME = 'complete.json'
-# Bump when input_pipeline.preprocess_image changes what the encoder sees.
+# Bump when preprocess_lib.preprocess_image changes what the encoder sees.
 PREPROCESSING = 'centre square crop, antialiased bilinear resize, scale to [-1, 1] (v1)'
 
 
@@ -192,7 +193,7 @@ def extract_splits(config: ml_collections.ConfigDict, workdir: str,
   prepared = prepare.prepare(config, workdir)
   if splits is None:
     splits = [prepared.train_split, *config.data.eval_splits]
-  splits = [input_pipeline.resolve_split(prepared.builder, split, 'splits') for split in splits]
+  splits = [sources.resolve_split(prepared.builder, split, 'splits') for split in splits]
   mesh = parallel.make_mesh()
   model = captioner.create_model(config.model, prepared.tokenizer.vocab_size)
   full_state = predict.full_model_state(config, model, mesh, encoder_weights)

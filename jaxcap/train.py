@@ -24,6 +24,7 @@ from jaxcap import preemption
 from jaxcap import state as state_lib
 from jaxcap import trainers
 from jaxcap import workdir as workdir_lib
+from jaxcap.data import captions as captions_lib
 from jaxcap.data import input_pipeline
 from jaxcap.data import prepare
 from jaxcap.models import captioner
@@ -72,7 +73,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
   prepared = prepare.prepare(config, workdir)
   logging.info('Tokenizer: %d ids (%s)', prepared.tokenizer.vocab_size,
                workdir_lib.tokenizer_path(workdir))
-  train_table = input_pipeline.TokenTable.build(prepared.train_captions, prepared.tokenizer,
+  train_table = captions_lib.TokenTable.build(prepared.train_captions, prepared.tokenizer,
                                                 config.data.max_len)
   model = captioner.create_model(config.model, prepared.tokenizer.vocab_size)
   full_state = predict.full_model_state(config, model, mesh, encoder_weights)

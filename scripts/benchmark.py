@@ -74,6 +74,8 @@ flags.DEFINE_integer('peak_matmul_size', 2048,
 flags.DEFINE_string('workdir', None,
                     'pipeline mode: where the tokenizer is kept (default: a temporary folder).')
 flags.DEFINE_integer('checkpoint_every', 4, 'checkpoint mode: train steps between checkpoints.')
+flags.DEFINE_integer('checkpoint_rounds', 2, 'checkpoint mode: interleaved rounds of the three '
+                     'loops; the faster of each loop is kept.')
 flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
 
 # COCO captions: words per caption ~ N(mean, std), clipped to [_MIN_WORDS, max_len - 2].
@@ -296,9 +298,9 @@ def scst_workload(config, mesh, batch_size: int,
 
 def checkpoint_stall(config, mesh, batch_size: int, vocab_size: int) -> dict[str, Any]:
   """Seconds a checkpoint adds to a loop of --steps train steps (at least one checkpoint's
-  worth) that saves every
-  --checkpoint_every steps, with the loop's finite-loss check (a device sync) at each save point
-  in every variant; the variants are interleaved, twice, and the faster of each is kept."""
+  worth) that saves every --checkpoint_every steps, with the loop's finite-loss check (a device
+  sync) at each save point in every variant; the variants are interleaved, --checkpoint_rounds
+  times, and the faster of each is kept."""
   model = captioner.create_model(config.model, vocab_size)
   batch = synthetic_image_batch(
       config, mesh, synthetic_tokens(batch_size, config.data.max_len, vocab_size))
@@ -330,7 +332,7 @@ def checkpoint_stall(config, mesh, batch_size: int, vocab_size: int) -> dict[str
       return seconds, time.perf_counter() - start - seconds
 
   runs: dict[str, list[tuple[float, float]]] = {'none': [], 'sync': [], 'async': []}
-  for _ in range(2):
+  for _ in range(max(FLAGS.checkpoint_rounds, 1)):
     for saving in runs:
       runs[saving].append(loop(saving))
   best = {saving: min(times) for saving, times in runs.items()}

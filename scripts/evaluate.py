@@ -18,7 +18,7 @@ from jaxcap import caption
 from jaxcap import evaluate
 from jaxcap import host_memory
 from jaxcap import predict
-from jaxcap.data import input_pipeline
+from jaxcap.data import sources
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir.')
@@ -43,7 +43,7 @@ def main(argv):
   try:
     done = evaluate.evaluate_workdir(trained, FLAGS.workdir, FLAGS.split,
                                      gallery_images=FLAGS.gallery_images if FLAGS.gallery else None)
-  except input_pipeline.DataError as error:
+  except sources.DataError as error:
     raise SystemExit(str(error)) from None
   metrics = done.metrics
   summary = ' '.join(f'{k}={metrics[k]:.3f}' for k in

@@ -17,7 +17,7 @@ from jaxcap import feature_cache
 from jaxcap import host_memory
 from jaxcap import parallel
 from jaxcap import workdir as workdir_lib
-from jaxcap.data import input_pipeline
+from jaxcap.data import sources
 from jaxcap.models import inception_v3
 
 FLAGS = flags.FLAGS
@@ -37,7 +37,7 @@ def main(argv):
   config = FLAGS.config
   try:
     cached = feature_cache.extract_splits(config, FLAGS.workdir, FLAGS.splits)
-  except (input_pipeline.DataError, inception_v3.WeightsError) as error:
+  except (sources.DataError, inception_v3.WeightsError) as error:
     raise SystemExit(str(error)) from None
   for split, features in cached.items():
     print(f'{split}: {len(features.image_ids)} images, embeddings {features.embedding.shape[1]}-d '

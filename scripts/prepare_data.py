@@ -16,8 +16,9 @@ from absl import flags
 
 from jaxcap import command_line
 from jaxcap.data import caption_files
-from jaxcap.data import input_pipeline
+from jaxcap.data import captions as captions_lib
 from jaxcap.data import prepare
+from jaxcap.data import sources
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir whose tokenizer to train or check.')
@@ -34,7 +35,7 @@ def main(argv):
   config = FLAGS.config
   try:
     prepared = prepare.prepare(config, FLAGS.workdir)
-  except input_pipeline.DataError as error:
+  except sources.DataError as error:
     raise SystemExit(str(error)) from None
   skipped = prepare.skipped_by_split(prepared.builder)
   print(f'Dataset {prepared.builder.info.full_name} in {prepared.builder.data_dir}')
@@ -47,7 +48,7 @@ def main(argv):
   splits = dict.fromkeys([prepared.train_split, *config.data.eval_splits])
   for split in splits:
     captions = (prepared.train_captions if split == prepared.train_split
-                else input_pipeline.read_captions(prepared.builder, split))
+                else captions_lib.read_captions(prepared.builder, split))
     report = prepare.split_report(captions, prepared.tokenizer)
     small = (f' (fewer than {prepare.FEW_IMAGES}: its metrics will be noisy)'
              if split != prepared.train_split and report['images'] < prepare.FEW_IMAGES else '')

@@ -18,7 +18,7 @@ from jaxcap import command_line
 from jaxcap import host_memory
 from jaxcap import parallel
 from jaxcap import train
-from jaxcap.data import input_pipeline
+from jaxcap.data import sources
 from jaxcap.models import inception_v3
 
 FLAGS = flags.FLAGS
@@ -53,7 +53,7 @@ def main(argv):
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (input_pipeline.DataError, inception_v3.WeightsError,
+  except (sources.DataError, inception_v3.WeightsError,
           checkpoint.CheckpointWriteError) as error:
     raise SystemExit(str(error)) from None  # A message for the user, not a stack trace.
 

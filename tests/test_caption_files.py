@@ -13,8 +13,8 @@ import pytest
 from configs import coco as coco_config
 from configs import flickr8k as flickr8k_config
 from jaxcap.data import caption_files
-from jaxcap.data import input_pipeline
 from jaxcap.data import prepare
+from jaxcap.data import sources
 from tests import caption_folders
 
 
@@ -73,7 +73,7 @@ def test_coco_folder_of_twenty_images_is_split_by_rule(tmp_path, caplog):
           'val2014': 8
       })
   config = _coco_config(tmp_path, root)
-  builder = input_pipeline.get_builder(config.data)
+  builder = sources.get_builder(config.data)
   assert _sizes(builder) == {'train': 12, 'val': 4, 'test': 4}  # Half of val2014 each.
   rule, empty = caption_files.split_notes(builder)
   assert 'val = the first 50%' in rule and 'restval = the rest' in rule
@@ -81,21 +81,21 @@ def test_coco_folder_of_twenty_images_is_split_by_rule(tmp_path, caplog):
   assert caption_files.read_skipped(builder) == []
   # Training drops the empty restval with a logged line; evaluation on it stops, naming it.
   with caplog.at_level(logging.WARNING):
-    assert input_pipeline.resolve_split(builder, 'train+restval', 'config.data.train_split',
+    assert sources.resolve_split(builder, 'train+restval', 'config.data.train_split',
                                         drop_empty=True) == 'train'
   assert "'restval' has no images and is left out" in caplog.text
   with pytest.raises(caption_files.DataError, match=r"config.data.eval_splits names split "
                      r"'restval', which has no images .*no image falls in it \(no dataset_coco"):
-    input_pipeline.resolve_split(builder, 'restval', 'config.data.eval_splits')
+    sources.resolve_split(builder, 'restval', 'config.data.eval_splits')
   with pytest.raises(caption_files.DataError, match="has no split 'tset'; it has test, train, val"):
-    input_pipeline.resolve_split(builder, 'tset', 'config.data.eval_splits')
+    sources.resolve_split(builder, 'tset', 'config.data.eval_splits')
 
 
 def test_one_annotation_file_under_other_names(tmp_path):
   root = caption_folders.make_coco_format_dir(str(tmp_path / 'mine'), {'photos': 20})
   config = _coco_config(tmp_path, root, train_annotations='annotations/captions_photos.json',
                         train_images='photos', val_annotations=None)
-  builder = input_pipeline.get_builder(config.data)
+  builder = sources.get_builder(config.data)
   assert _sizes(builder) == {'train': 16, 'val': 2, 'test': 2}  # 10% each, the rest trains.
   examples = list(builder.as_dataset('val').as_numpy_iterator())
   assert sorted(int(e['image/id']) for e in examples) == [1, 2]  # The lowest ids.
@@ -103,7 +103,7 @@ def test_one_annotation_file_under_other_names(tmp_path):
   # Another folder's config gets its own prepared copy, not this one.
   other = caption_folders.make_coco_format_dir(str(tmp_path / 'other'), {'photos': 10})
   config.data.coco_dir = other
-  assert _sizes(input_pipeline.get_builder(config.data)) == {'train': 8, 'val': 1, 'test': 1}
+  assert _sizes(sources.get_builder(config.data)) == {'train': 8, 'val': 1, 'test': 1}
 
 
 def test_an_empty_evaluation_split_stops_naming_it_and_the_rule(tmp_path):
@@ -132,7 +132,7 @@ def test_no_training_images_stops_naming_the_split(tmp_path):
 
 def test_flickr8k_style_folder_builds_with_its_splits(tmp_path):
   json_path, image_dir = caption_folders.make_flickr8k_dir(str(tmp_path / 'flickr8k'))
-  builder = input_pipeline.get_builder(_flickr_config(tmp_path, json_path, image_dir).data)
+  builder = sources.get_builder(_flickr_config(tmp_path, json_path, image_dir).data)
   assert _sizes(builder) == caption_folders.FLICKR8K_SPLITS
   assert caption_files.read_skipped(builder) == []
   assert caption_files.split_notes(builder) == (
@@ -181,7 +181,7 @@ def test_bad_items_are_skipped_naming_file_and_field(tmp_path, case):
   reason, detail, sizes = _break_entries(case, data['images'], image_dir)
   with open(json_path, 'w') as f:
     json.dump(data, f)
-  builder = input_pipeline.get_builder(_flickr_config(tmp_path, json_path, image_dir).data)
+  builder = sources.get_builder(_flickr_config(tmp_path, json_path, image_dir).data)
   assert _sizes(builder) == sizes
   skips = _skips(builder)
   assert list(skips) == [reason], skips
@@ -218,7 +218,7 @@ def test_a_karpathy_json_out_of_schema_stops_and_builds_nothing(tmp_path, conten
   _write_json(json_path, content)
   config = _flickr_config(tmp_path, json_path, image_dir)
   with pytest.raises(caption_files.DataError) as error:
-    input_pipeline.get_builder(config.data)
+    sources.get_builder(config.data)
   assert str(error.value).startswith(json_path) and message in str(error.value), error.value
   assert _files_under(config.data.data_dir) == []
 
@@ -242,7 +242,7 @@ def test_coco_annotations_out_of_schema_stop_and_build_nothing(tmp_path, mutate,
   _write_json(path, data)
   config = _coco_config(tmp_path, root)
   with pytest.raises(caption_files.DataError) as error:
-    input_pipeline.get_builder(config.data)
+    sources.get_builder(config.data)
   assert str(error.value).startswith(path) and message in str(error.value), error.value
   assert _files_under(config.data.data_dir) == []
 
@@ -258,7 +258,7 @@ def test_coco_image_listed_twice_keeps_the_first(tmp_path):
     data = json.load(f)
   data['images'].append(dict(data['images'][0], file_name='train2014_000002.jpg'))
   _write_json(path, data)
-  builder = input_pipeline.get_builder(_coco_config(tmp_path, root).data)
+  builder = sources.get_builder(_coco_config(tmp_path, root).data)
   assert _sizes(builder) == {'train': 4, 'val': 1, 'test': 1, 'restval': 1}
   [item] = _skips(builder)['listed twice']
   assert f'{path}: images[3] has the id (as ' in item['reason']
@@ -275,22 +275,22 @@ def test_a_split_whose_images_are_all_unreadable_stops_and_builds_nothing(tmp_pa
   config = _coco_config(tmp_path, root)
   with pytest.raises(caption_files.DataError, match=r"every image of split 'val' was skipped "
                      r"\(\{'unreadable image': 1\}\); nothing was written"):
-    input_pipeline.get_builder(config.data)
+    sources.get_builder(config.data)
   assert _files_under(config.data.data_dir) == []
 
 
 def test_half_given_karpathy_source_and_missing_flickr_stop_with_how_to(tmp_path):
   config = flickr8k_config.get_config()
   config.data.data_dir = str(tmp_path / 'tfds')
-  with pytest.raises(input_pipeline.DataNotFoundError, match=r'--config.data.karpathy_json=FILE '
+  with pytest.raises(sources.DataNotFoundError, match=r'--config.data.karpathy_json=FILE '
                      r'--config.data.image_dir=DIR,\nKarpathy\'s dataset_flickr8k.json'):
-    input_pipeline.get_builder(config.data)
+    sources.get_builder(config.data)
   config.data.karpathy_json = str(tmp_path / 'dataset_flickr8k.json')
   with pytest.raises(caption_files.DataError, match='go together'):
-    input_pipeline.get_builder(config.data)
+    sources.get_builder(config.data)
   config.data.image_dir = str(tmp_path)
   with pytest.raises(caption_files.DataError, match='config.data.karpathy_json: .* is not a file'):
-    input_pipeline.get_builder(config.data)
+    sources.get_builder(config.data)
 
 
 def _prepare_data(tmp_path, config_name, *overrides):

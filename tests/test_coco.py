@@ -10,8 +10,11 @@ import tensorflow_datasets as tfds
 
 from configs import coco as coco_config
 from jaxcap.data import caption_files
+from jaxcap.data import captions as captions_lib
 from jaxcap.data import coco_local
 from jaxcap.data import input_pipeline
+from jaxcap.data import preprocess as preprocess_lib
+from jaxcap.data import sources
 from jaxcap.data import tokenizer as tokenizer_lib
 from tests import caption_folders
 
@@ -22,7 +25,7 @@ def coco_builder(tmp_path_factory):
   config = coco_config.get_config()
   config.data.coco_dir = root
   config.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
-  return input_pipeline.get_builder(config.data), config
+  return sources.get_builder(config.data), config
 
 
 def _reasons(skipped):
@@ -71,10 +74,10 @@ def test_without_karpathy_file_val2014_is_split_by_rule(tmp_path):
 
 def test_pipeline_on_coco_format_data(coco_builder):
   builder, config = coco_builder
-  captions = input_pipeline.read_captions(builder, 'train+restval')
+  captions = captions_lib.read_captions(builder, 'train+restval')
   assert len(captions.image_ids) == 7
   tokenizer = tokenizer_lib.train(captions.all_texts(), 64)
-  table = input_pipeline.TokenTable.build(captions, tokenizer, 20)
+  table = captions_lib.TokenTable.build(captions, tokenizer, 20)
   config.data.image_size, config.data.shuffle_buffer = 64, 16
   batch = next(input_pipeline.train_dataset(builder, 'train+restval', table, config.data,
                                             batch_size=4, seed=0).as_numpy_iterator())
@@ -88,7 +91,7 @@ def test_pipeline_on_coco_format_data(coco_builder):
 
 def test_center_crop_takes_the_middle_square():
   image = np.arange(4 * 6).reshape(4, 6, 1).repeat(3, -1).astype(np.uint8)
-  crop = np.asarray(input_pipeline.center_crop(tf.constant(image)))
+  crop = np.asarray(preprocess_lib.center_crop(tf.constant(image)))
   np.testing.assert_array_equal(crop, image[:, 1:5])
 
 
@@ -96,8 +99,8 @@ def test_missing_coco_stops_with_both_ways(tmp_path):
   # The tests run offline (tests/offline): the download host is unreachable.
   config = coco_config.get_config()
   config.data.data_dir = str(tmp_path / 'tfds')
-  with pytest.raises(input_pipeline.DataNotFoundError) as error:
-    input_pipeline.get_builder(config.data)
+  with pytest.raises(sources.DataNotFoundError) as error:
+    sources.get_builder(config.data)
   message = str(error.value)
   assert '--config.data.coco_dir=PATH' in message and '38 GB' in message
   assert 'train2014/ (13 GB)' in message and 'internet' in message
@@ -119,16 +122,16 @@ def _mock_coco_captions(self, split, **kwargs):
 
 
 def test_tfds_coco_captions_path_under_mock_data(tmp_path, monkeypatch):
-  monkeypatch.setattr(input_pipeline, 'network_reachable', lambda *a: True)  # Mocked: no traffic.
+  monkeypatch.setattr(sources, 'network_reachable', lambda *a: True)  # Mocked: no traffic.
   config = coco_config.get_config()
   config.data.data_dir = str(tmp_path)
   with tfds.testing.mock_data(as_dataset_fn=_mock_coco_captions):
-    builder = input_pipeline.get_builder(config.data)
+    builder = sources.get_builder(config.data)
     assert builder.name == 'coco_captions'
-    captions = input_pipeline.read_captions(builder, 'train')
+    captions = captions_lib.read_captions(builder, 'train')
     assert len(captions.image_ids) == 6 and len(captions.texts[0]) == 5
     tokenizer = tokenizer_lib.train(captions.all_texts(), 64)
-    table = input_pipeline.TokenTable.build(captions, tokenizer, 20)
+    table = captions_lib.TokenTable.build(captions, tokenizer, 20)
     config.data.image_size, config.data.shuffle_buffer = 32, 8
     batch = next(input_pipeline.train_dataset(builder, 'train', table, config.data, batch_size=2,
                                               seed=0).as_numpy_iterator())
@@ -141,7 +144,7 @@ def test_training_without_data_stops_before_any_work(tmp_path):
   config = coco_config.get_config()
   config.data.data_dir = str(tmp_path / 'tfds')
   config.model.encoder_weights = None
-  with pytest.raises(input_pipeline.DataNotFoundError, match='coco_dir'):
+  with pytest.raises(sources.DataNotFoundError, match='coco_dir'):
     train.train_and_evaluate(config, str(tmp_path / 'workdir'))
   assert not (tmp_path / 'workdir' / 'checkpoints').exists()
 

@@ -12,6 +12,7 @@ from jaxcap import parallel
 from jaxcap import predict
 from jaxcap import state as state_lib
 from jaxcap import train
+from jaxcap.data import captions as captions_lib
 from jaxcap.data import input_pipeline
 from jaxcap.data import prepare
 from jaxcap.models import captioner
@@ -41,7 +42,7 @@ def _streamed_embeddings(config, workdir, split):
 
 
 def _table(prepared, config, split):
-  return input_pipeline.TokenTable.build(input_pipeline.read_captions(prepared.builder, split),
+  return captions_lib.TokenTable.build(captions_lib.read_captions(prepared.builder, split),
                                          prepared.tokenizer, config.data.max_len)
 
 

@@ -7,14 +7,17 @@ import pytest
 import tensorflow as tf
 
 from jaxcap import workdir as workdir_lib
+from jaxcap.data import captions as captions_lib
 from jaxcap.data import input_pipeline
+from jaxcap.data import preprocess as preprocess_lib
+from jaxcap.data import sources
 from jaxcap.data import tokenizer as tokenizer_lib
 
 
 @pytest.fixture
 def prepared(config):
-  builder = input_pipeline.get_builder(config.data)
-  captions = input_pipeline.read_captions(builder, 'train')
+  builder = sources.get_builder(config.data)
+  captions = captions_lib.read_captions(builder, 'train')
   tokenizer = tokenizer_lib.train(captions.all_texts(), config.data.vocab_size)
   return builder, captions, tokenizer
 
@@ -28,9 +31,9 @@ def test_read_captions(config, prepared):
 
 def test_token_table_pads_missing_captions(prepared):
   _, captions, tokenizer = prepared
-  uneven = input_pipeline.SplitCaptions(captions.image_ids[:2],
+  uneven = captions_lib.SplitCaptions(captions.image_ids[:2],
                                         (captions.texts[0][:2], captions.texts[1]))
-  table = input_pipeline.TokenTable.build(uneven, tokenizer, max_len=24)
+  table = captions_lib.TokenTable.build(uneven, tokenizer, max_len=24)
   assert table.tokens.shape == (2, 5, 24)
   assert table.counts.tolist() == [2, 5]
   assert (table.tokens[0, 2:] == tokenizer_lib.PAD_ID).all()
@@ -39,7 +42,7 @@ def test_token_table_pads_missing_captions(prepared):
 
 def test_train_batches(config, prepared):
   builder, captions, tokenizer = prepared
-  table = input_pipeline.TokenTable.build(captions, tokenizer, config.data.max_len)
+  table = captions_lib.TokenTable.build(captions, tokenizer, config.data.max_len)
   ds = input_pipeline.train_dataset(builder, 'train', table, config.data, batch_size=8, seed=0)
   batches = list(ds.take(20).as_numpy_iterator())  # 160 rows: more than two epochs of 64.
   batch = batches[0]
@@ -65,7 +68,7 @@ def test_train_batches(config, prepared):
 def test_image_scaling_matches_keras_preprocess_input():
   from keras.applications import inception_v3
   pixels = np.arange(256 * 3, dtype=np.uint8).reshape(16, 16, 3)
-  scaled = input_pipeline.scale_image(pixels).numpy()
+  scaled = preprocess_lib.scale_image(pixels).numpy()
   expected = inception_v3.preprocess_input(pixels.astype(np.float32))
   np.testing.assert_array_equal(scaled, expected)
   assert scaled.dtype == np.float32 and scaled.min() == -1.0 and scaled.max() == 1.0
@@ -73,14 +76,14 @@ def test_image_scaling_matches_keras_preprocess_input():
 
 def test_resize_to_configured_size():
   image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
-  assert input_pipeline.resize_image(image, 32).shape == (32, 32, 3)
-  np.testing.assert_array_equal(input_pipeline.resize_image(image[:32, :32], 32), image[:32, :32])
+  assert preprocess_lib.resize_image(image, 32).shape == (32, 32, 3)
+  np.testing.assert_array_equal(preprocess_lib.resize_image(image[:32, :32], 32), image[:32, :32])
 
 
 def test_eval_batches_are_padded_with_mask(config, prepared):
   builder, _, tokenizer = prepared
-  captions = input_pipeline.read_captions(builder, 'val')
-  table = input_pipeline.TokenTable.build(captions, tokenizer, config.data.max_len)
+  captions = captions_lib.read_captions(builder, 'val')
+  table = captions_lib.TokenTable.build(captions, tokenizer, config.data.max_len)
   ds = input_pipeline.eval_dataset(builder, 'val', table, config.data, batch_size=8)
   batches = list(input_pipeline.eval_batches(ds, 8))
   assert len(batches) == 2  # 12 images.
@@ -94,8 +97,8 @@ def test_eval_batches_are_padded_with_mask(config, prepared):
 
 def test_process_shards_are_disjoint_and_cover_the_split(config, prepared):
   builder, _, tokenizer = prepared
-  captions = input_pipeline.read_captions(builder, 'val')
-  table = input_pipeline.TokenTable.build(captions, tokenizer, config.data.max_len)
+  captions = captions_lib.read_captions(builder, 'val')
+  table = captions_lib.TokenTable.build(captions, tokenizer, config.data.max_len)
   ids = []
   for process in range(2):
     ds = input_pipeline.eval_dataset(builder, 'val', table, config.data, batch_size=4,
@@ -113,7 +116,7 @@ def test_preprocessed_images_of_any_size_have_a_static_shape():
   images = tf.data.Dataset.from_generator(
       lambda: iter([np.zeros((40, 50, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)]),
       output_signature=tf.TensorSpec((None, None, 3), tf.uint8))
-  ds = images.map(lambda image: {'image': image}).map(input_pipeline.preprocess_image(32))
+  ds = images.map(lambda image: {'image': image}).map(preprocess_lib.preprocess_image(32))
   assert ds.element_spec['image'].shape == (32, 32, 3)
   assert [b['image'].shape for b in ds.as_numpy_iterator()] == [(32, 32, 3)] * 2
 
@@ -122,8 +125,8 @@ def test_every_process_runs_the_same_batches_even_with_an_empty_share(config, pr
   # 12 images over 16 processes: 4 processes get none, and must still run the padding batch
   # the others run, or the collective calls of evaluation and feature extraction hang.
   builder, _, tokenizer = prepared
-  captions = input_pipeline.read_captions(builder, 'val')
-  table = input_pipeline.TokenTable.build(captions, tokenizer, config.data.max_len)
+  captions = captions_lib.read_captions(builder, 'val')
+  table = captions_lib.TokenTable.build(captions, tokenizer, config.data.max_len)
   num_batches = input_pipeline.batches_per_process(builder, 'val', 4, 16)
   real = 0
   for process in range(16):
@@ -143,5 +146,5 @@ def test_a_workdir_config_from_before_the_file_fields_still_builds(config, tmp_p
   del values['data']['karpathy_json'], values['data']['image_dir']
   (tmp_path / 'config.json').write_text(json.dumps(values))
   config = workdir_lib.load_config(str(tmp_path))
-  builder = input_pipeline.get_builder(config.data)
+  builder = sources.get_builder(config.data)
   assert builder.name == 'shapes_captions' and builder.info.splits['test'].num_examples == 12

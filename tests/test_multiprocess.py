@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jaxcap import predict
-from jaxcap.data import input_pipeline
+from jaxcap.data import sources
 from tests.conftest import tiny_config
 from tests.conftest import write_config_file
 
@@ -80,7 +80,7 @@ STEPS, CHECKPOINT_EVERY = 16, 4
 @pytest.fixture(scope='module')
 def run_config(data_dir, tmp_path_factory):
   """The config both tests run, and one uninterrupted run of it (1 process x 8 devices)."""
-  input_pipeline.get_builder(tiny_config(data_dir).data)  # Built once, before processes share it.
+  sources.get_builder(tiny_config(data_dir).data)  # Built once, before processes share it.
   directory = tmp_path_factory.mktemp('multiprocess')
   config_file = write_config_file(
       directory / 'config.py',

@@ -7,7 +7,7 @@ caption, an image listed twice, an unknown split) are skipped with a reason nami
 field, written to `skipped.json` beside the prepared dataset. Files that are not in their schema
 stop the build with a DataError naming the file and field. A split left with no images is left
 out of the dataset with a logged line; its reason is kept in the dataset's metadata, so training
-and evaluation can say why it is missing (input_pipeline.resolve_split). tfds builds into a
+and evaluation can say why it is missing (jaxcap.data.sources.resolve_split). tfds builds into a
 temporary folder and renames it when complete: a failed build leaves nothing under the
 dataset's name.
 """

@@ -15,7 +15,9 @@ import tensorflow_datasets as tfds
 
 from jaxcap import parallel
 from jaxcap.data import caption_files
+from jaxcap.data import captions as captions_lib
 from jaxcap.data import input_pipeline
+from jaxcap.data import sources
 from jaxcap.data import tokenizer as tokenizer_lib
 
 _LENGTH_PERCENTILES = (5, 50, 95, 100)
@@ -29,7 +31,7 @@ class PreparedData:
   tokenizer: tokenizer_lib.Tokenizer
   # config.data.train_split less the splits the build left out for having no images.
   train_split: str
-  train_captions: input_pipeline.SplitCaptions
+  train_captions: captions_lib.SplitCaptions
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
@@ -39,15 +41,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
   # Process 0 builds the dataset first; the others then find it (shared storage) or build their
   # own copy: two processes building into one folder at once collide.
   if jax.process_index() == 0:
-    builder = input_pipeline.get_builder(data)
+    builder = sources.get_builder(data)
   parallel.sync_processes('dataset prepared')
   if jax.process_index() != 0:
-    builder = input_pipeline.get_builder(data)
-  train_split = input_pipeline.resolve_split(builder, data.train_split, 'config.data.train_split',
+    builder = sources.get_builder(data)
+  train_split = sources.resolve_split(builder, data.train_split, 'config.data.train_split',
                                              drop_empty=True)
   for split in data.eval_splits:
-    input_pipeline.resolve_split(builder, split, 'config.data.eval_splits')
-  train_captions = input_pipeline.read_captions(builder, train_split)
+    sources.resolve_split(builder, split, 'config.data.eval_splits')
+  train_captions = captions_lib.read_captions(builder, train_split)
   # Process 0 trains the tokenizer; the others wait for it and load the same file.
   if jax.process_index() == 0:
     tokenizer = tokenizer_lib.load_or_train(
@@ -58,7 +60,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
   return PreparedData(builder, tokenizer, train_split, train_captions)
 
 
-def split_report(captions: input_pipeline.SplitCaptions,
+def split_report(captions: captions_lib.SplitCaptions,
                  tokenizer: tokenizer_lib.Tokenizer) -> dict[str, float]:
   """Counts, caption lengths in words (percentiles) and the unknown-token rate of a split."""
   texts = captions.all_texts()
@@ -83,7 +85,7 @@ def skipped_by_split(builder: tfds.core.DatasetBuilder) -> dict[str, collections
 def train_batches(prepared: PreparedData, config: ml_collections.ConfigDict,
                   batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """Numpy training batches of the input pipeline alone (one process's view)."""
-  table = input_pipeline.TokenTable.build(prepared.train_captions, prepared.tokenizer,
+  table = captions_lib.TokenTable.build(prepared.train_captions, prepared.tokenizer,
                                           config.data.max_len)
   ds = input_pipeline.train_dataset(prepared.builder, prepared.train_split, table, config.data,
                                     batch_size=batch_size, seed=config.seed)
