@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from collections.abc import Sequence
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -51,6 +52,12 @@ def image_from_bytes(data: bytes, image_size: int) -> np.ndarray:
   return preprocess_lib.preprocess_image(image_size)({'image': image})['image'].numpy()
 
 
+def _reason(error: Exception, path: str) -> str:
+  """The error's type and message, naming `path` where PIL names the in-memory file it read."""
+  message = re.sub(r'<_io\.BytesIO object at 0x[0-9a-f]+>', repr(path), str(error))
+  return f'{type(error).__name__}: {message}'
+
+
 def caption_paths(trained: predict.Trained, paths: Iterable[str]) -> list[tuple[str, dict]]:
   """(path, {'caption': text, 'log_prob': the model's log-probability of it} or
   {'error': message}) for each path, in order."""
@@ -62,7 +69,7 @@ def caption_paths(trained: predict.Trained, paths: Iterable[str]) -> list[tuple[
     try:
       loaded.append((path, load_image(path, config.data.image_size)))
     except (OSError, ValueError) as error:
-      results[path] = {'error': f'not a readable image ({type(error).__name__}: {error})'}
+      results[path] = {'error': f'not a readable image ({_reason(error, path)})'}
   # One batch shape: all images up to eval.batch_size, rounded up to fill every device.
   batch_size = min(config.eval.batch_size, -(-max(len(loaded), 1) // mesh.size) * mesh.size)
   predictor = predict.Predictor(config, mesh, (batch_size,))
