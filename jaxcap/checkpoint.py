@@ -113,7 +113,7 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
   for step in reversed(manager.all_steps()):
     try:
       return restore(manager, state, step)
-    except Exception as error:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds.
+    except Exception as error:  # Orbax and TensorStore raise many kinds.
       logging.error('The checkpoint of step %d in %s does not restore (%s: %s); trying the one '
                     'before it', step, manager.directory, type(error).__name__, error)
       _set_aside(manager, step)

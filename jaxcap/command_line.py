@@ -56,7 +56,7 @@ def _check_none_only_for_placeholders(flag_name: str, flag_values: flags.FlagVal
 def _report_unknown_fields_as_flag_errors(flag: flags.Flag) -> None:
   """A misspelt `--config.FIELD` raises AttributeError inside ml_collections' parser; as absl's
   flag error it is one line that names the field instead of a stack trace."""
-  parse = flag._parse  # pylint: disable=protected-access
+  parse = flag._parse
 
   def parse_or_flag_error(argument):
     try:
@@ -70,7 +70,7 @@ def _report_unknown_fields_as_flag_errors(flag: flags.Flag) -> None:
       raise flags.IllegalFlagValueError(
           f'--{flag.name}: unknown field {" ".join(text.split())}') from None
 
-  flag._parse = parse_or_flag_error  # pylint: disable=protected-access
+  flag._parse = parse_or_flag_error
 
 
 def define_config_flag(name: str = 'config', help_string: str = 'Configuration file.',

