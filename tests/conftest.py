@@ -6,6 +6,12 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+# XLA flags of the scripts that tests run as whole commands on one CPU device (the documents'
+# commands, the shared trained workdir): LLVM's optimisation off. Their tiny runs spend most of
+# their time compiling, which this about halves; the numerics the tests compare are checked in
+# the test processes, compiled as users' programs are.
+SCRIPT_XLA_FLAGS = '--xla_backend_optimization_level=0'
+
 # Offline, for this process and every process a test starts: IP connections only to this
 # machine (tests/offline/sitecustomize.py, found on PYTHONPATH by each new interpreter). The
 # repository root is there too: config files that tests write import `tests.conftest`.
@@ -95,7 +101,7 @@ def trained_workdir(tmp_path_factory, data_dir) -> str:
       root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
       subprocess.run([sys.executable, os.path.join(root, 'scripts', 'train.py'), '--config',
                       config_file, '--workdir', str(workdir)], check=True, capture_output=True,
-                     timeout=600, cwd=root, env={**os.environ, 'XLA_FLAGS': ''})
+                     timeout=600, cwd=root, env={**os.environ, 'XLA_FLAGS': SCRIPT_XLA_FLAGS})
       (base / 'done').touch()
   return str(workdir)
 

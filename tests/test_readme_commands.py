@@ -4,7 +4,8 @@ The commands are read from the documents (fenced `bash` blocks, `$ ` lines of `c
 and inline code that starts with `python`, `bash` or `.venv/bin/`), so an edited command is the
 command tested. Each runs as written, as a subprocess in a fresh folder laid out like a checkout
 (`scripts/`, `configs/`, `.venv` and `../shared` are links to the real ones), with the tiny sizes
-the other tests use appended as overrides (the last flag wins). What cannot exist here is stood
+the other tests use appended as overrides (the last flag wins), and with XLA's LLVM optimisation
+off (`conftest.SCRIPT_XLA_FLAGS`: tiny runs are mostly compilation). What cannot exist here is stood
 in for, and the output says so:
 - COCO: `coco_captions` from tfds needs a 38 GB download, so COCO configs get
   `--config.data.coco_dir=` a COCO-format folder of real JPEG files (tests/caption_folders.py).
@@ -57,6 +58,7 @@ from PIL import Image
 import pytest
 
 from tests import caption_folders
+from tests.conftest import SCRIPT_XLA_FLAGS
 from tests.conftest import SUMMARY_PROPERTY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -246,7 +248,8 @@ def _config_overrides(argv: list[str], checkout: Checkout) -> tuple[list[str], s
 
 def plan(command: DocCommand, checkout: Checkout) -> Plan:
   # One CPU device, as a user's machine has (conftest forces 8 for this process).
-  env = {**os.environ, 'HOME': str(checkout.home), 'TF_CPP_MIN_LOG_LEVEL': '2', 'XLA_FLAGS': '',
+  env = {**os.environ, 'HOME': str(checkout.home), 'TF_CPP_MIN_LOG_LEVEL': '2',
+         'XLA_FLAGS': SCRIPT_XLA_FLAGS,
          'PATH': f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
          # Identical programs of different commands compile once.
          'JAX_COMPILATION_CACHE_DIR': str(checkout.home / 'jax_cache')}
