@@ -70,6 +70,10 @@ def eval_stem(workdir: str, split: str, step: int, method: str) -> str:
   return os.path.join(workdir, EVAL, f'{split}_step{step}_{method}')
 
 
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
+
+
 def _legacy_trainer(fields: dict[str, Any]) -> str:
   """The trainer of a config.json written with booleans instead of `trainer`."""
   if fields.pop('scst.enabled', False):
@@ -83,7 +87,7 @@ def config_from_dict(values: dict[str, Any], source: str = 'config') -> ml_colle
   legacy_trainer = _legacy_trainer(fields)
   fields.setdefault('trainer', legacy_trainer)
   config = default.get_config()
-  known = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
+  known = _flat(config)
   for name, value in fields.items():
     if name not in known:
       logging.warning('%s: ignoring config.%s, a field jaxcap does not have', source, name)
@@ -113,10 +117,6 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 def has_checkpoint(workdir: str) -> bool:
   directory = checkpoint_dir(workdir)
   return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
-
-
-def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
 
 
 def check_resume(workdir: str, config: ml_collections.ConfigDict) -> None:

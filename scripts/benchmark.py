@@ -274,12 +274,12 @@ def scst_workload(config, mesh, batch_size: int,
                                                     FLAGS.embedding_dim)).astype(np.float32)
   model = captioner.create_model(config.model, vocab_size)
   state = state_lib.initial_decoder_state(config, model, mesh, FLAGS.embedding_dim)
-  # FLOPs of one step, on the data as the trainer places it.
   data = scst.place(embedding, scorer.references, mesh, captioner.DTYPES[config.model.dtype])
   tables = jax.device_put(scorer.tables, parallel.replicated(mesh))
+  # FLOPs of one step, on the data the trainer trains on.
   one_step = resident.jit_steps(scst.config_step(config, batch_size // mesh.size))(1)
   flops = flops_of(one_step, (state, data, tables, resident.seed_key(config, mesh)))
-  trainer = scst.make(state, embedding, scorer, config, mesh)
+  trainer = scst.make(state, data, tables, config, mesh)
 
   # The reward alone: samples (B * S) and greedy captions (B) of the step's lengths.
   samples = batch_size * config.scst.num_samples

@@ -150,14 +150,14 @@ def config_step(config: ml_collections.ConfigDict, per_shard_batch: int) -> Call
                         max_len=config.scst.max_len)
 
 
-def make(state: state_lib.TrainState, embedding: np.ndarray, scorer: rewards.CiderD,
+def make(state: state_lib.TrainState, data: ScstData, tables: rewards.NgramTables,
          config: ml_collections.ConfigDict, mesh: Mesh,
          full_state: Callable = lambda s: s) -> Trainer:
-  """The self-critical trainer of a decoder `state` on cached `embedding`s, each image's
-  sampled captions scored by `scorer` (its references in the embeddings' order)."""
-  data = place(embedding, scorer.references, mesh, captioner.DTYPES[config.model.dtype])
+  """The self-critical trainer of a decoder `state` on cached embeddings and their references
+  placed on the devices (`place`), each image's sampled captions scored with the references'
+  n-gram `tables` (`rewards.CiderD.tables`)."""
   per_shard_batch = resident.per_shard_batch(config, mesh, data.embedding.shape[1], 'images')
-  tables = jax.device_put(scorer.tables, parallel.replicated(mesh))
+  tables = jax.device_put(tables, parallel.replicated(mesh))
   seed_key = resident.seed_key(config, mesh)
   steps_fn = resident.jit_steps(config_step(config, per_shard_batch))
 
@@ -183,5 +183,6 @@ def build(setup: Setup) -> Trainer:
   state = state_lib.initial_decoder_state(config, setup.model, mesh, cached.embedding.shape[1])
   state = state.replace(params={'decoder': setup.full_state.params['decoder']})
   state = setup.checkpoints.restore_latest(state)
-  return make(state, cached.embedding, scorer, config, mesh,
+  data = place(cached.embedding, scorer.references, mesh, captioner.DTYPES[config.model.dtype])
+  return make(state, data, scorer.tables, config, mesh,
               functools.partial(state_lib.with_trained_decoder, setup.full_state))
