@@ -86,6 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
   shapes.test_size = 1_000
 
   config.model = model = ml_collections.ConfigDict()
+  # 'show_tell': an LSTM started from the pooled image embedding (jaxcap/models/decoder.py);
+  # 'updown': two LSTMs started from it, attending over the encoder's grid at every word
+  # (jaxcap/models/updown.py).
+  model.decoder = 'show_tell'
   # A name in jaxcap.models.encoders.ENCODERS: 'small_cnn', 'inception_v3', or 'zeros'
   # (ignores the image: the blind baseline).
   model.encoder = 'small_cnn'
@@ -103,10 +107,16 @@ def get_config() -> ml_collections.ConfigDict:
       # True: the first conv has stride 2 and downsamples instead of the first block's pool.
       'strided_first_conv': False,
   })
+  # show_tell: image embedding -> Dense(image_bottleneck) -> Dense(lstm_size) = initial state.
   model.image_bottleneck = 120
+  # Word embedding size (both decoders).
   model.embed_dim = 100
+  # LSTM size (both decoders; updown's two LSTMs).
   model.lstm_size = 300
+  # show_tell: LSTM output -> Dense(logit_bottleneck) -> logits.
   model.logit_bottleneck = 120
+  # updown: size of the additive attention's hidden layer.
+  model.attention_size = 128
   # Training scores this many time steps of the vocabulary projection at a time, never holding
   # the whole (batch, time, vocab) logits (see jaxcap/models/softmax_loss.py).
   model.loss_chunk_steps = 1
@@ -144,7 +154,8 @@ def get_config() -> ml_collections.ConfigDict:
   # frozen encoder (scripts/extract_features.py, or at the start of training).
   # Where the cache lives; None: WORKDIR/features.
   feat.cache_dir = ml_collections.config_dict.placeholder(str)
-  # On-disk dtype of the embeddings ('float16' halves the size; 'float32' is exact).
+  # On-disk dtype of the features ('float16' or 'bfloat16' halve the size; 'float32' is exact).
+  # The 'updown' decoder's grids are 64 times an embedding's size for InceptionV3 (8 x 8).
   feat.storage_dtype = 'float16'
   # Global batch of images through the encoder while extracting.
   feat.batch_size = 256

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,32 +19,42 @@ def _forbid_specials(logits: jax.Array) -> jax.Array:
   return logits.astype(jnp.float32).at[..., PAD_ID].set(-jnp.inf).at[..., BOS_ID].set(-jnp.inf)
 
 
-def _token_by_token(apply_fn: Callable[..., Any], variables: Any, embedding: jax.Array,
+class Captions(NamedTuple):
+  """Decoded captions: ids after BOS (EOS included, PAD after it), each caption's
+  log-probability under the model (EOS included), and each generated id's attention weights
+  over the N grid positions (zero after EOS; N = 0 for a decoder that does not attend)."""
+  tokens: jax.Array     # (..., max_len - 1) int32
+  log_probs: jax.Array  # (...,) float32
+  attention: jax.Array  # (..., max_len - 1, N) float32
+
+
+def _token_by_token(apply_fn: Callable[..., Any], variables: Any, features: jax.Array,
                     max_len: int, choose: Callable[[jax.Array, jax.Array], jax.Array],
-                    rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(B, max_len - 1) ids from (B, D) image embeddings, each step's `choose(logits, key)` fed
-  back; PAD after EOS. Also (B,) the model's log-probability of each caption (EOS included).
+                    rng: jax.Array) -> Captions:
+  """Captions of (B, ...) image features, each step's `choose(logits, key)` fed back.
 
   A fixed-length scan: shapes never depend on when captions end, so it compiles once.
   """
-  carry = apply_fn(variables, embedding, method='initial_state')
-  batch_size = embedding.shape[0]
+  carry, memory = apply_fn(variables, features, method='initial_state')
+  batch_size = features.shape[0]
 
   def step(state, key):
     carry, tokens, done, log_prob = state
-    carry, logits = apply_fn(variables, carry, tokens, method='decode_step')
+    carry, logits, attention = apply_fn(variables, carry, tokens, memory, method='decode_step')
     logits = _forbid_specials(logits)
     chosen = choose(logits, key).astype(jnp.int32)
     next_tokens = jnp.where(done, PAD_ID, chosen)
     chosen_log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], -1)[:, 0]
     log_prob = log_prob + jnp.where(done, 0.0, chosen_log_prob)
+    attention = jnp.where(done[:, None], 0.0, attention.astype(jnp.float32))
     done = done | (next_tokens == EOS_ID)
-    return (carry, next_tokens, done, log_prob), next_tokens
+    return (carry, next_tokens, done, log_prob), (next_tokens, attention)
 
   start = (carry, jnp.full((batch_size,), BOS_ID, jnp.int32), jnp.zeros((batch_size,), bool),
            jnp.zeros((batch_size,), jnp.float32))
-  (_, _, _, log_prob), tokens = jax.lax.scan(step, start, jax.random.split(rng, max_len - 1))
-  return tokens.T, log_prob
+  (_, _, _, log_prob), (tokens, attention) = jax.lax.scan(
+      step, start, jax.random.split(rng, max_len - 1))
+  return Captions(tokens.T, log_prob, attention.transpose(1, 0, 2))
 
 
 def _argmax(logits: jax.Array, key: jax.Array) -> jax.Array:
@@ -55,16 +66,18 @@ def _sampler(temperature: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
   return lambda logits, key: jax.random.categorical(key, logits / temperature)
 
 
-def greedy_from_embedding(apply_fn: Callable[..., Any], variables: Any, embedding: jax.Array,
+def greedy_from_embedding(apply_fn: Callable[..., Any], variables: Any, features: jax.Array,
                           max_len: int) -> jax.Array:
-  """Greedy captions of (B, D) image embeddings (cached features, self-critical training)."""
-  return _token_by_token(apply_fn, variables, embedding, max_len, _argmax, jax.random.key(0))[0]
+  """Greedy captions of (B, ...) image features (cached features, self-critical training)."""
+  return _token_by_token(apply_fn, variables, features, max_len, _argmax,
+                         jax.random.key(0)).tokens
 
 
-def sample_from_embedding(apply_fn: Callable[..., Any], variables: Any, embedding: jax.Array,
+def sample_from_embedding(apply_fn: Callable[..., Any], variables: Any, features: jax.Array,
                           max_len: int, rng: jax.Array, temperature: float = 1.0) -> jax.Array:
-  """Captions of (B, D) image embeddings sampled from softmax(logits / temperature)."""
-  return _token_by_token(apply_fn, variables, embedding, max_len, _sampler(temperature), rng)[0]
+  """Captions of (B, ...) image features sampled from softmax(logits / temperature)."""
+  return _token_by_token(apply_fn, variables, features, max_len, _sampler(temperature),
+                         rng).tokens
 
 
 def greedy_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
@@ -85,9 +98,9 @@ def portable_top_k(operand: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def beam_hypotheses(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
                     beam_size: int, length_penalty: float = 0.0,
                     top_k: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]] = jax.lax.top_k,
-                    ) -> tuple[jax.Array, jax.Array]:
+                    ) -> Captions:
   """Batched beam search with fixed shapes: every final hypothesis, best first: (B, K,
-  max_len - 1) ids and (B, K) their log-probabilities.
+  max_len - 1) ids, (B, K) their log-probabilities and (B, K, max_len - 1, N) attention.
 
   Each step extends every live beam by every token and keeps the best `beam_size` of the
   candidates; a finished beam (EOS emitted) continues only with PAD at no cost, so it keeps its
@@ -96,18 +109,24 @@ def beam_hypotheses(apply_fn: Callable[..., Any], variables: Any, images: jax.Ar
   log-probability / length ** length_penalty (0: raw log-probability). beam_size 1 is greedy.
   `top_k` picks the candidates: lax.top_k, or `portable_top_k` for export.
   """
-  embedding = apply_fn(variables, images, method='encode')
+  features = apply_fn(variables, images, method='encode')
   batch_size, steps = images.shape[0], max_len - 1
-  embedding = jnp.repeat(embedding, beam_size, axis=0)  # (B * K, D)
-  carry = apply_fn(variables, embedding, method='initial_state')
+  features = jnp.repeat(features, beam_size, axis=0)  # (B * K, ...)
+  # The memory is the same for every beam of an image: beams never need to gather it.
+  carry, memory = apply_fn(variables, features, method='initial_state')
+  _, _, first_attention = jax.eval_shape(
+      lambda c: apply_fn(variables, c, jnp.zeros((batch_size * beam_size,), jnp.int32), memory,
+                         method='decode_step'), carry)
   log_probs = jnp.tile(jnp.array([0.0] + [-jnp.inf] * (beam_size - 1)), (batch_size, 1))
   state = (carry, jnp.full((batch_size, beam_size), BOS_ID, jnp.int32), log_probs,
            jnp.zeros((batch_size, beam_size), bool),
-           jnp.full((batch_size, beam_size, steps), PAD_ID, jnp.int32))
+           jnp.full((batch_size, beam_size, steps), PAD_ID, jnp.int32),
+           jnp.zeros((batch_size, beam_size, steps, first_attention.shape[-1]), jnp.float32))
 
   def step(state, t):
-    carry, last, log_probs, finished, tokens = state
-    carry, logits = apply_fn(variables, carry, last.reshape(-1), method='decode_step')
+    carry, last, log_probs, finished, tokens, attention = state
+    carry, logits, step_attention = apply_fn(variables, carry, last.reshape(-1), memory,
+                                             method='decode_step')
     step_log_probs = jax.nn.log_softmax(_forbid_specials(logits)).reshape(batch_size, beam_size, -1)
     vocab_size = step_log_probs.shape[-1]
     pad_only = jnp.full((vocab_size,), -jnp.inf).at[PAD_ID].set(0.0)
@@ -118,26 +137,31 @@ def beam_hypotheses(apply_fn: Callable[..., Any], variables: Any, images: jax.Ar
     gather = lambda x: jnp.take_along_axis(
         x, beam.reshape(beam.shape + (1,) * (x.ndim - 2)), axis=1)
     tokens = gather(tokens).at[:, :, t].set(token)
+    step_attention = step_attention.astype(jnp.float32).reshape(batch_size, beam_size, -1)
+    step_attention = jnp.where(finished[..., None], 0.0, step_attention)
+    attention = gather(attention).at[:, :, t].set(gather(step_attention))
     finished = gather(finished) | (token == EOS_ID)
     flat_beam = (beam + jnp.arange(batch_size)[:, None] * beam_size).reshape(-1)
     carry = jax.tree.map(lambda c: c[flat_beam], carry)
-    return (carry, token, log_probs, finished, tokens), None
+    return (carry, token, log_probs, finished, tokens, attention), None
 
-  (_, _, log_probs, _, tokens), _ = jax.lax.scan(step, state, jnp.arange(steps))
+  (_, _, log_probs, _, tokens, attention), _ = jax.lax.scan(step, state, jnp.arange(steps))
   lengths = jnp.maximum(jnp.sum(tokens != PAD_ID, axis=-1), 1).astype(jnp.float32)
   order = jnp.argsort(-(log_probs / lengths ** length_penalty), axis=-1)
-  return (jnp.take_along_axis(tokens, order[..., None], axis=1),
-          jnp.take_along_axis(log_probs, order, axis=1))
+  return Captions(jnp.take_along_axis(tokens, order[..., None], axis=1),
+                  jnp.take_along_axis(log_probs, order, axis=1),
+                  jnp.take_along_axis(attention, order[..., None, None], axis=1))
 
 
 def beam_search(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
                 beam_size: int, length_penalty: float = 0.0,
                 top_k: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]] = jax.lax.top_k,
-                ) -> tuple[jax.Array, jax.Array]:
-  """The best hypothesis of `beam_hypotheses`: (B, max_len - 1) ids, (B,) log-probabilities."""
-  tokens, log_probs = beam_hypotheses(apply_fn, variables, images, max_len, beam_size,
-                                      length_penalty, top_k)
-  return tokens[:, 0], log_probs[:, 0]
+                ) -> Captions:
+  """The best hypothesis of `beam_hypotheses`: (B, max_len - 1) ids, (B,) log-probabilities,
+  (B, max_len - 1, N) attention."""
+  hypotheses = beam_hypotheses(apply_fn, variables, images, max_len, beam_size, length_penalty,
+                               top_k)
+  return Captions(*(x[:, 0] for x in hypotheses))
 
 
 def sample_decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
@@ -151,10 +175,11 @@ def decode_with_log_probs(
     apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
     decode_config: Any, rng: jax.Array | None = None,
     top_k: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]] = jax.lax.top_k,
-) -> tuple[jax.Array, jax.Array]:
-  """Captions by `decode_config.method` ('greedy', 'beam' or 'sample'): (B, max_len - 1) ids
-  and (B,) the model's log-probability of each (for 'sample', at temperature 1). `top_k` is
-  the beam's (`beam_hypotheses`)."""
+) -> Captions:
+  """Captions by `decode_config.method` ('greedy', 'beam' or 'sample'): (B, max_len - 1) ids,
+  (B,) the model's log-probability of each (for 'sample', at temperature 1) and
+  (B, max_len - 1, N) each id's attention over the grid. `top_k` is the beam's
+  (`beam_hypotheses`)."""
   if decode_config.method == 'beam':
     return beam_search(apply_fn, variables, images, max_len, decode_config.beam_size,
                        decode_config.length_penalty, top_k)
@@ -173,4 +198,4 @@ def decode_with_log_probs(
 def decode(apply_fn: Callable[..., Any], variables: Any, images: jax.Array, max_len: int,
            decode_config: Any, rng: jax.Array | None = None) -> jax.Array:
   """Captions by `decode_config.method`: 'greedy', 'beam' or 'sample'."""
-  return decode_with_log_probs(apply_fn, variables, images, max_len, decode_config, rng)[0]
+  return decode_with_log_probs(apply_fn, variables, images, max_len, decode_config, rng).tokens

@@ -2,7 +2,8 @@
 
 Layout of CACHE_DIR/SPLIT/: `fingerprint.json` (what made the embeddings: encoder name and a
 hash of its variables, image size, preprocessing, compute dtype, dataset and split),
-`part-00000.npz`, ... (image ids and embeddings, each part written atomically) and
+`part-00000.npz`, ... (image ids and features, each part written atomically: pooled
+embeddings, or the encoder's grids for a decoder that attends) and
 `complete.json` once every part is there. A cache whose fingerprint differs is rebuilt; an
 interrupted extraction resumes after its last complete part.
 
@@ -25,6 +26,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import ml_dtypes
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -39,13 +41,14 @@ from jaxcap.models import captioner
 FINGERPRINT_FILENAME = 'fingerprint.json'
 COMPLETE_FILENAME = 'complete.json'
 # Bump when preprocess_lib.preprocess_image changes what the encoder sees.
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 PREPROCESSING = 'centre square crop, antialiased bilinear resize, scale to [-1, 1] (v1)'
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitFeatures:
   image_ids: np.ndarray  # (N,) int64
-  embedding: np.ndarray  # (N, D)
+  embedding: np.ndarray  # (N, D) pooled embeddings, or (N, H, W, C) grids (model.decoder)
 
 
 def split_dir(cache_dir: str, split: str) -> str:
@@ -64,7 +67,9 @@ def variables_digest(variables: Any) -> str:
 
 def fingerprint(config: ml_collections.ConfigDict, encoder_variables: Any,
                 builder: tfds.core.DatasetBuilder, split: str) -> dict[str, Any]:
-  return {'encoder': config.model.encoder, 'encoder_sha256': variables_digest(encoder_variables),
+  grid = {'grid': True} if captioner.DECODERS[config.model.decoder] else {}
+  return {'encoder': config.model.encoder, **grid,
+          'encoder_sha256': variables_digest(encoder_variables),
           'image_size': config.data.image_size, 'preprocessing': PREPROCESSING,
           'compute_dtype': config.model.dtype, 'storage_dtype': config.features.storage_dtype,
           'dataset': builder.info.full_name, 'data_dir': os.path.abspath(builder.data_dir),
@@ -93,10 +98,24 @@ def _write_atomically(path: str, write) -> None:
   os.replace(tmp_path, path)
 
 
+def _write_part(f, image_ids: np.ndarray, embedding: np.ndarray) -> None:
+  """npz has no bfloat16: such features are stored as their bits (uint16), with the dtype."""
+  np.savez(f, image_ids=image_ids, embedding_dtype=np.array(embedding.dtype.name),
+           embedding=embedding.view(np.uint16) if embedding.dtype == BFLOAT16 else embedding)
+
+
+def _read_part(path: str) -> tuple[np.ndarray, np.ndarray]:
+  part = np.load(path)
+  embedding = part['embedding']
+  if 'embedding_dtype' in part and str(part['embedding_dtype']) == BFLOAT16.name:
+    embedding = embedding.view(BFLOAT16)
+  return part['image_ids'], embedding
+
+
 def _read_parts(directory: str) -> SplitFeatures:
-  parts = [np.load(_part_path(directory, i)) for i in range(_complete_parts(directory))]
-  return SplitFeatures(np.concatenate([p['image_ids'] for p in parts]).astype(np.int64),
-                       np.concatenate([p['embedding'] for p in parts]))
+  parts = [_read_part(_part_path(directory, i)) for i in range(_complete_parts(directory))]
+  return SplitFeatures(np.concatenate([ids for ids, _ in parts]).astype(np.int64),
+                       np.concatenate([embedding for _, embedding in parts]))
 
 
 def load(directory: str) -> SplitFeatures:
@@ -161,7 +180,7 @@ def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collection
       image_ids.append(np.asarray(ids)[real].astype(np.int64))
     if is_chief:
       _write_atomically(_part_path(directory, part), functools.partial(
-          np.savez, image_ids=np.concatenate(image_ids), embedding=np.concatenate(embeddings)))
+          _write_part, image_ids=np.concatenate(image_ids), embedding=np.concatenate(embeddings)))
     logging.info('Feature cache %s: part %d/%d (%.0f images/s)', directory, part + 1, num_parts,
                  sum(len(i) for i in image_ids) / max(time.perf_counter() - start, 1e-9))
     start = time.perf_counter()
@@ -180,7 +199,7 @@ def _mark_complete(directory: str, num_examples: int) -> SplitFeatures:
                        f'({len(np.unique(result.image_ids))} distinct images) for {num_examples} '
                        'images; delete the folder to rebuild it')
   _write_atomically(os.path.join(directory, COMPLETE_FILENAME), lambda f: f.write(json.dumps(
-      {'images': num_examples, 'embedding_dim': int(result.embedding.shape[1])}).encode()))
+      {'images': num_examples, 'features_shape': list(result.embedding.shape[1:])}).encode()))
   return result
 
 

@@ -71,7 +71,7 @@ def restore(workdir: str, step: int | None = None) -> Trained:
   template = full_state
   if on_features:
     template = state_lib.initial_decoder_state(config, model, mesh,
-                                               state_lib.embedding_dim(config, full_state))
+                                               state_lib.features_shape(config, full_state))
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
   steps = manager.all_steps()
   if not steps:
@@ -103,6 +103,8 @@ def caption_fn(config: ml_collections.ConfigDict, *, method: str | None = None,
 
   outputs['ids'] (B, max_len - 1) and outputs['log_probs'] (B,) are the captions by
   `config.decode` (`method` overrides its method) and the model's log-probability of each;
+  outputs['attention'] (B, max_len - 1, N) each id's weights over the N grid positions of a
+  decoder that attends (N = 0 for one that does not);
   with `beam_hypotheses=K`, also outputs['beam_ids'] (B, K, max_len - 1) and
   outputs['beam_log_probs'] (B, K), every beam hypothesis, best first. `top_k` is the beam's
   (`decode.portable_top_k` for the export).
@@ -113,11 +115,12 @@ def caption_fn(config: ml_collections.ConfigDict, *, method: str | None = None,
   decode_key, max_len = state_lib.named_key(config.seed, 'decode'), config.data.max_len
 
   def captions(apply_fn, variables, images):
-    ids, log_probs = decode.decode_with_log_probs(
+    captions = decode.decode_with_log_probs(
         apply_fn, variables, images, max_len, decode_config, decode_key, top_k)
-    outputs = {'ids': ids, 'log_probs': log_probs}
+    outputs = {'ids': captions.tokens, 'log_probs': captions.log_probs,
+               'attention': captions.attention}
     if beam_hypotheses:
-      outputs['beam_ids'], outputs['beam_log_probs'] = decode.beam_hypotheses(
+      outputs['beam_ids'], outputs['beam_log_probs'], _ = decode.beam_hypotheses(
           apply_fn, variables, images, max_len, beam_hypotheses, decode_config.length_penalty,
           top_k)
     return outputs

@@ -6,6 +6,7 @@ Nothing here imports TensorFlow: benchmarks and accelerator-only machines build 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
 from typing import Any
 import zlib
@@ -15,6 +16,7 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from jaxcap import parallel
@@ -89,9 +91,12 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
 
 
 def create_decoder_state(config: ml_collections.ConfigDict, model: nn.Module, rng: jax.Array,
-                         embedding_dim: int) -> TrainState:
-  """State of the decoder alone, for training on precomputed (cached) image embeddings."""
-  embedding = jnp.zeros((1, embedding_dim), jnp.float32)
+                         features_shape: int | Sequence[int]) -> TrainState:
+  """State of the decoder alone, for training on precomputed (cached) image features of one
+  image's `features_shape` ((D,) embeddings, or (H, W, C) grids; an int is (D,))."""
+  if isinstance(features_shape, int):
+    features_shape = (features_shape,)
+  embedding = jnp.zeros((1, *features_shape), jnp.float32)
   tokens = jnp.zeros((1, config.data.max_len - 1), jnp.int32)
   variables = model.init({'params': rng}, embedding, tokens, method='caption_logits')
   return TrainState.create(apply_fn=model.apply, params=variables['params'], batch_stats={},
@@ -130,18 +135,21 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax
 
 
 def initial_decoder_state(config: ml_collections.ConfigDict, model: nn.Module,
-                          mesh: jax.sharding.Mesh, embedding_dim: int) -> TrainState:
-  """The decoder alone (training on cached embeddings), replicated over `mesh`."""
-  create = functools.partial(create_decoder_state, config, model, embedding_dim=embedding_dim)
+                          mesh: jax.sharding.Mesh,
+                          features_shape: int | Sequence[int]) -> TrainState:
+  """The decoder alone (training on cached image features), replicated over `mesh`."""
+  create = functools.partial(create_decoder_state, config, model,
+                             features_shape=tuple(np.atleast_1d(features_shape).tolist()))
   return jax.jit(create, out_shardings=parallel.replicated(mesh))(
       named_key(config.seed, 'params'))
 
 
-def embedding_dim(config: ml_collections.ConfigDict, full_state: TrainState) -> int:
-  """The size of the encoder's image embedding (what the decoder-only state is built for)."""
+def features_shape(config: ml_collections.ConfigDict, full_state: TrainState) -> tuple[int, ...]:
+  """One image's features from the encoder ((D,) or (H, W, C)): what the decoder-only state is
+  built for."""
   size = config.data.image_size
   return jax.eval_shape(lambda s: s.apply_fn(
-      s.variables, jnp.zeros((1, size, size, 3)), method='encode'), full_state).shape[-1]
+      s.variables, jnp.zeros((1, size, size, 3)), method='encode'), full_state).shape[1:]
 
 
 def with_trained_decoder(full_state: TrainState, decoder_state: TrainState) -> TrainState:

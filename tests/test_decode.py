@@ -56,7 +56,7 @@ def test_wide_beam_equals_exhaustive_search(seed):
   apply, table = _table_model(seed)
   images = jnp.array([0.0, 1.0]).reshape(2, 1, 1, 1) * jnp.ones((2, 2, 2, 1))
   max_len = 5  # 4 steps.
-  tokens, scores = jax.jit(decode.beam_search, static_argnums=(0, 3, 4))(
+  tokens, scores, _ = jax.jit(decode.beam_search, static_argnums=(0, 3, 4))(
       apply, None, images, max_len, VOCAB ** 3)
   for image in range(2):
     best, best_score = _exhaustive(table, image, max_len - 1)
@@ -68,7 +68,7 @@ def test_wide_beam_equals_exhaustive_search(seed):
 def test_beam_one_is_greedy(seed):
   apply, _ = _table_model(seed)
   images = jnp.array([0.0, 1.0]).reshape(2, 1, 1, 1) * jnp.ones((2, 2, 2, 1))
-  beam, _ = decode.beam_search(apply, None, images, 8, beam_size=1)
+  beam, _, _ = decode.beam_search(apply, None, images, 8, beam_size=1)
   greedy = decode.greedy_decode(apply, None, images, 8)
   np.testing.assert_array_equal(beam, greedy)
 
@@ -79,7 +79,9 @@ def test_beam_keeps_finished_hypotheses_and_distinct_beams():
   # must survive four more steps beside the live beams.
   table = table.at[:, 0, BOS_ID, EOS_ID].set(6.0)
   images = jnp.zeros((1, 2, 2, 1))
-  tokens, scores = decode.beam_hypotheses(apply_with(table), None, images, 6, beam_size=3)
+  tokens, scores, attention = decode.beam_hypotheses(apply_with(table), None, images, 6,
+                                                     beam_size=3)
+  np.testing.assert_array_equal(attention, _expected_attention(tokens))
   rows = [row for row in tokens[0].tolist()]
   assert len({tuple(row) for row in rows}) == 3  # Distinct hypotheses.
   assert [EOS_ID] + [PAD_ID] * 4 in rows  # The finished one is kept, PAD after its EOS.
@@ -87,23 +89,33 @@ def test_beam_keeps_finished_hypotheses_and_distinct_beams():
     assert score == pytest.approx(_sequence_log_prob(table, 0, row), abs=1e-4)
   assert scores[0].tolist() == sorted(scores[0].tolist(), reverse=True)
   # A beam as wide as the search space keeps exactly the best sequences, in order.
-  wide_tokens, wide_scores = decode.beam_hypotheses(apply_with(table), None, images, 4, VOCAB ** 2)
+  wide_tokens, wide_scores, _ = decode.beam_hypotheses(apply_with(table), None, images, 4, VOCAB ** 2)
   exhaustive = _all_sequences(table, 0, 3)
   assert wide_tokens[0, :5].tolist() == [seq for _, seq in exhaustive[:5]]
   np.testing.assert_allclose(wide_scores[0, :5], [s for s, _ in exhaustive[:5]], atol=1e-4)
 
 
 def apply_with(table):
-  """A decoder reading its logits from `table[image, step, previous id]`."""
+  """A decoder reading its logits from `table[image, step, previous id]`, whose "attention"
+  over a grid of VOCAB positions is the one-hot of the previous id."""
   def apply(variables, *args, method):
     del variables
     if method == 'encode':
       return args[0][:, 0, 0, :1]  # Image "embedding": 0 or 1, picks the table.
     if method == 'initial_state':
-      return (args[0][:, 0].astype(jnp.int32), jnp.zeros(args[0].shape[0], jnp.int32))
-    (image, position), tokens = args
-    return (image, position + 1), table[image, position, tokens]
+      return (args[0][:, 0].astype(jnp.int32), jnp.zeros(args[0].shape[0], jnp.int32)), ()
+    (image, position), tokens, _ = args
+    return (image, position + 1), table[image, position, tokens], jax.nn.one_hot(tokens, VOCAB)
   return apply
+
+
+def _expected_attention(tokens):
+  """The fake decoder's attention for each generated id: one-hot of the id before it (BOS
+  first), zero after EOS."""
+  tokens = np.asarray(tokens)
+  previous = np.concatenate([np.full(tokens.shape[:-1] + (1,), BOS_ID), tokens[..., :-1]], -1)
+  after_eos = np.cumsum(previous == EOS_ID, axis=-1) > 0
+  return np.where(after_eos[..., None], 0.0, np.eye(VOCAB)[previous])
 
 
 def test_sampling_at_low_temperature_is_greedy_and_pads_after_eos():
@@ -132,8 +144,9 @@ def test_decode_with_log_probs_scores_each_caption_by_the_definition(method):
   images = jnp.array([0.0, 1.0]).reshape(2, 1, 1, 1) * jnp.ones((2, 2, 2, 1))
   config = type('DecodeConfig', (), {'method': method, 'beam_size': 3, 'length_penalty': 0.0,
                                      'temperature': 1.5})()
-  tokens, log_probs = decode.decode_with_log_probs(apply, None, images, 8, config,
-                                                   jax.random.key(5))
+  tokens, log_probs, attention = decode.decode_with_log_probs(apply, None, images, 8, config,
+                                                              jax.random.key(5))
+  np.testing.assert_array_equal(attention, _expected_attention(tokens))
   np.testing.assert_array_equal(tokens,
                                 decode.decode(apply, None, images, 8, config, jax.random.key(5)))
   for image in range(2):

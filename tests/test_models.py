@@ -24,10 +24,11 @@ def test_captioner_output_shapes(config):
   assert logits.shape == (3, 23, 50) and logits.dtype == jnp.float32
   embedding = model.apply(variables, images, method='encode')
   assert embedding.shape == (3, 16)
-  carry = model.apply(variables, embedding, method='initial_state')
+  carry, memory = model.apply(variables, embedding, method='initial_state')
   assert [c.shape for c in carry] == [(3, 32), (3, 32)]
-  carry, step_logits = model.apply(variables, carry, tokens[:, 0], method='decode_step')
-  assert step_logits.shape == (3, 50)
+  carry, step_logits, attention = model.apply(variables, carry, tokens[:, 0], memory,
+                                              method='decode_step')
+  assert step_logits.shape == (3, 50) and attention.shape == (3, 0)
   # The step-by-step decoder equals teacher forcing.
   assert jnp.allclose(step_logits, logits[:, 0], atol=1e-5)
 

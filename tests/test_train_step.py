@@ -114,9 +114,9 @@ def test_greedy_decode_stops_at_eos():
     if method == 'encode':
       return jnp.zeros((args[0].shape[0], 1))
     if method == 'initial_state':
-      return jnp.zeros(args[0].shape[0], jnp.int32)
-    position, _ = args
-    return position + 1, jax.nn.one_hot(script[position], 10)
+      return jnp.zeros(args[0].shape[0], jnp.int32), ()
+    position, _, _ = args
+    return position + 1, jax.nn.one_hot(script[position], 10), jnp.zeros((len(position), 0))
 
   tokens = jax.jit(decode.greedy_decode, static_argnums=(0, 3))(
       scripted_apply, None, jnp.zeros((2, 4, 4, 3)), 8)
@@ -140,7 +140,7 @@ def test_decoder_alone_learns_from_embeddings(config):
   config.optimizer.learning_rate = 1e-2
   config.num_train_steps = 60
   model = captioner.create_model(config.model, VOCAB)
-  state = state_lib.create_decoder_state(config, model, jax.random.key(0), embedding_dim=12)
+  state = state_lib.create_decoder_state(config, model, jax.random.key(0), features_shape=12)
   assert set(state.params) == {'decoder'}
   batch = {'embedding': np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32),
            'tokens': _random_batch(config, 8)['tokens']}
@@ -156,7 +156,7 @@ def test_decoder_dropout_only_in_training_and_replayable(config):
   batch = {'embedding': np.random.default_rng(0).normal(size=(8, 12)).astype(np.float32),
            'tokens': _random_batch(config, 8)['tokens']}
   plain = state_lib.create_decoder_state(config, captioner.create_model(config.model, VOCAB),
-                                              jax.random.key(0), embedding_dim=12)
+                                              jax.random.key(0), features_shape=12)
   config.model.dropout = 0.5
   dropped = plain.replace(apply_fn=captioner.create_model(config.model, VOCAB).apply)
   inputs, targets = batch['tokens'][:, :-1], batch['tokens'][:, 1:]

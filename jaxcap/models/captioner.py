@@ -1,6 +1,13 @@
-"""Captioner = image encoder (chosen by name) + Show-and-Tell decoder."""
+"""Captioner = image encoder (chosen by name) + decoder (`config.model.decoder`).
+
+'show_tell' reads the pooled image embedding (B, D); 'updown' reads the encoder's grid
+(B, H, W, C) and attends over it at every word. "Image features" below are whichever of the two
+the decoder reads: what `encode` returns and what the feature cache stores.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -12,18 +19,22 @@ from jaxcap.data.tokenizer import PAD_ID
 from jaxcap.models import decoder as decoder_lib
 from jaxcap.models import encoders
 from jaxcap.models import inception_v3
+from jaxcap.models import updown
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# `config.model.decoder` -> whether its image features are the encoder's grid.
+DECODERS = {'show_tell': False, 'updown': True}
 
 
 class Captioner(nn.Module):
   encoder: nn.Module
-  decoder: decoder_lib.Decoder
+  decoder: decoder_lib.Decoder | updown.UpDownDecoder
   # False freezes the encoder: no gradient reaches it and batch norm uses its moving statistics.
   train_encoder: bool = True
 
   def encode(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    """(B, H, W, 3) images in [-1, 1] -> (B, D) float32 image embeddings."""
+    """(B, H, W, 3) images in [-1, 1] -> float32 image features: (B, D) embeddings, or (B, H',
+    W', C) grids for a decoder that attends."""
     embedding = self.encoder(images, train=train and self.train_encoder)
     return embedding if self.train_encoder else jax.lax.stop_gradient(embedding)
 
@@ -55,18 +66,35 @@ class Captioner(nn.Module):
     return self.decoder.loss_sums(image_embedding, input_tokens, targets, weights,
                                   excluded_ids=(PAD_ID, BOS_ID), temperature=temperature)
 
-  def initial_state(self, image_embedding: jnp.ndarray) -> decoder_lib.Carry:
-    return self.decoder.initial_state(image_embedding)
+  def initial_state(self, image_features: jnp.ndarray) -> tuple[Any, Any]:
+    """The decoder's initial carry, and the memory every decoding step reads (for 'updown' the
+    grid and its attention projection, computed once here)."""
+    return self.decoder.initial_state(image_features)
 
-  def decode_step(self, carry: decoder_lib.Carry, tokens: jnp.ndarray):
-    return self.decoder.step(carry, tokens)
+  def decode_step(self, carry: Any, tokens: jnp.ndarray,
+                  memory: Any) -> tuple[Any, jnp.ndarray, jnp.ndarray]:
+    """(B,) ids -> new carry, (B, vocab) next-id logits, (B, N) attention over the N grid
+    positions (N = 0 for a decoder that does not attend)."""
+    return self.decoder.step(carry, tokens, memory)
 
 
 def create_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Captioner:
   """The captioner described by `config.model`, for a tokenizer of `vocab_size` ids."""
   if model_config.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={model_config.dtype!r} is not one of {sorted(DTYPES)}')
+  if model_config.decoder not in DECODERS:
+    raise ValueError(f'config.model.decoder={model_config.decoder!r} is not one of '
+                     f'{sorted(DECODERS)}')
   dtype = DTYPES[model_config.dtype]
+  if model_config.decoder == 'updown':
+    return Captioner(
+        encoder=encoders.create_encoder(model_config, dtype, grid=True),
+        decoder=updown.UpDownDecoder(
+            vocab_size=vocab_size, embed_dim=model_config.embed_dim,
+            lstm_size=model_config.lstm_size, attention_size=model_config.attention_size,
+            loss_chunk_steps=model_config.loss_chunk_steps, dropout=model_config.dropout,
+            dtype=dtype),
+        train_encoder=model_config.train_encoder)
   decoder = decoder_lib.Decoder(
       vocab_size=vocab_size, embed_dim=model_config.embed_dim, lstm_size=model_config.lstm_size,
       image_bottleneck=model_config.image_bottleneck,

@@ -71,11 +71,12 @@ class Decoder(nn.Module):
         self.vocab_size, features_in=self.logit_bottleneck,
         loss_chunk_steps=self.loss_chunk_steps, dtype=self.dtype)
 
-  def initial_state(self, image_embedding: jnp.ndarray) -> Carry:
-    """The LSTM's initial (c, h), both the projected image embedding."""
+  def initial_state(self, image_embedding: jnp.ndarray) -> tuple[Carry, tuple[()]]:
+    """The LSTM's initial (c, h), both the projected image embedding, and what each decoding
+    step reads besides (nothing: the image enters through the initial state only)."""
     bottleneck = nn.elu(self.image_to_bottleneck(image_embedding))
     state = nn.elu(self.bottleneck_to_state(bottleneck))
-    return state, state
+    return (state, state), ()
 
   def _lstm(self,
             carry: Carry,
@@ -90,7 +91,7 @@ class Decoder(nn.Module):
 
   def __call__(self, image_embedding: jnp.ndarray, input_tokens: jnp.ndarray) -> jnp.ndarray:
     """Teacher forcing: (B, D) embeddings, (B, T) input ids -> (B, T, vocab) float32 logits."""
-    _, features = self._lstm(self.initial_state(image_embedding), input_tokens)
+    _, features = self._lstm(self.initial_state(image_embedding)[0], input_tokens)
     return self.bottleneck_to_logits(features)
 
   def loss_sums(self, image_embedding: jnp.ndarray, input_tokens: jnp.ndarray,
@@ -99,11 +100,14 @@ class Decoder(nn.Module):
                 temperature: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Teacher forcing, scored: sums of weighted cross-entropy and correct argmaxes (of the
     distribution without `excluded_ids`, at `temperature`, when given)."""
-    _, features = self._lstm(self.initial_state(image_embedding), input_tokens, train)
+    _, features = self._lstm(self.initial_state(image_embedding)[0], input_tokens, train)
     return self.bottleneck_to_logits.loss_sums(features, targets, weights, excluded_ids,
                                                temperature)
 
-  def step(self, carry: Carry, tokens: jnp.ndarray) -> tuple[Carry, jnp.ndarray]:
-    """One decoding step: (B,) ids -> new carry and (B, vocab) logits of the next id."""
+  def step(self, carry: Carry, tokens: jnp.ndarray,
+           memory: tuple[()] = ()) -> tuple[Carry, jnp.ndarray, jnp.ndarray]:
+    """One decoding step: (B,) ids -> new carry, (B, vocab) logits of the next id and (B, 0)
+    attention weights (this decoder attends to nothing)."""
+    del memory
     carry, features = self._lstm(carry, tokens[:, None])
-    return carry, self.bottleneck_to_logits(features[:, 0])
+    return carry, self.bottleneck_to_logits(features[:, 0]), jnp.zeros((tokens.shape[0], 0))

@@ -1,4 +1,5 @@
-"""Image encoders by name: images (N, H, W, 3) in [-1, 1] -> pooled embedding (N, D).
+"""Image encoders by name: images (N, H, W, 3) in [-1, 1] -> pooled embedding (N, D), or with
+`grid=True` the last spatial map (N, H', W', D) it is the mean of (for a decoder that attends).
 
 Each encoder also sows its last spatial map as `intermediates/spatial_map`.
 """
@@ -40,6 +41,8 @@ class SmallCNN(nn.Module):
   bn_momentum: float = 0.9
   pool_before_norm: bool = False
   strided_first_conv: bool = False
+  # Return the last block's map (N, H', W', features[-1]) instead of its mean.
+  grid: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -58,40 +61,44 @@ class SmallCNN(nn.Module):
       if pool and not self.pool_before_norm:
         x = max_pool_2x2(x)
     self.sow('intermediates', 'spatial_map', x)
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return x.astype(jnp.float32) if self.grid else jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 class ZeroEncoder(nn.Module):
-  """Ignores the image: a (N, 1) zero embedding. The blind baseline of the demo."""
+  """Ignores the image: a (N, 1) zero embedding (a (N, 1, 1, 1) grid). The blind baseline."""
+  grid: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     del train
     zeros = jnp.zeros((images.shape[0], 1, 1, 1), jnp.float32)
     self.sow('intermediates', 'spatial_map', zeros)
-    return zeros[:, 0, 0]
+    return zeros if self.grid else zeros[:, 0, 0]
 
 
-def _small_cnn(config: ml_collections.ConfigDict, dtype) -> nn.Module:
+def _small_cnn(config: ml_collections.ConfigDict, dtype, grid: bool) -> nn.Module:
   return SmallCNN(features=tuple(config.small_cnn.features), bn_momentum=config.bn_momentum,
                   pool_before_norm=config.small_cnn.pool_before_norm,
-                  strided_first_conv=config.small_cnn.strided_first_conv, dtype=dtype)
+                  strided_first_conv=config.small_cnn.strided_first_conv, grid=grid, dtype=dtype)
 
 
-def _inception_v3(config: ml_collections.ConfigDict, dtype) -> nn.Module:
-  return inception_v3.InceptionV3(include_top=False, bn_momentum=config.bn_momentum, dtype=dtype)
+def _inception_v3(config: ml_collections.ConfigDict, dtype, grid: bool) -> nn.Module:
+  return inception_v3.InceptionV3(include_top=False, bn_momentum=config.bn_momentum, grid=grid,
+                                  dtype=dtype)
 
 
-# Name in `config.model.encoder` -> constructor from the model config and compute dtype.
-ENCODERS: dict[str, Callable[[ml_collections.ConfigDict, Any], nn.Module]] = {
+# Name in `config.model.encoder` -> constructor from the model config, compute dtype and
+# whether it returns its grid.
+ENCODERS: dict[str, Callable[[ml_collections.ConfigDict, Any, bool], nn.Module]] = {
     'small_cnn': _small_cnn,
     'inception_v3': _inception_v3,
-    'zeros': lambda config, dtype: ZeroEncoder(),
+    'zeros': lambda config, dtype, grid: ZeroEncoder(grid=grid),
 }
 
 
-def create_encoder(model_config: ml_collections.ConfigDict, dtype=jnp.float32) -> nn.Module:
+def create_encoder(model_config: ml_collections.ConfigDict, dtype=jnp.float32,
+                   grid: bool = False) -> nn.Module:
   if model_config.encoder not in ENCODERS:
     raise ValueError(f'config.model.encoder={model_config.encoder!r} is not one of '
                      f'{sorted(ENCODERS)}')
-  return ENCODERS[model_config.encoder](model_config, dtype)
+  return ENCODERS[model_config.encoder](model_config, dtype, grid)

@@ -145,7 +145,8 @@ def _topology(x, conv, max_pool, concat):
 
 
 class InceptionV3(nn.Module):
-  """Returns the (N, 2048) average-pooled embedding, or (N, 1000) logits with `include_top`.
+  """Returns the (N, 2048) average-pooled embedding, (N, 1000) logits with `include_top`, or
+  with `grid` the last mixed block (N, 8, 8, 2048 at 299 px) the embedding is the mean of.
 
   The last spatial map (N, H/32-ish, W/32-ish, 2048) and each mixed block's output are sown
   into the 'intermediates' collection as `spatial_map` and `mixed0` ... `mixed10`.
@@ -153,6 +154,7 @@ class InceptionV3(nn.Module):
   include_top: bool = False
   num_classes: int = 1000
   bn_momentum: float = 0.99
+  grid: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -171,6 +173,8 @@ class InceptionV3(nn.Module):
 
     x = _topology(images.astype(self.dtype), conv, max_pool_3x3_stride_2, concat)
     self.sow('intermediates', 'spatial_map', x)
+    if self.grid:
+      return x.astype(jnp.float32)
     embedding = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if not self.include_top:
       return embedding

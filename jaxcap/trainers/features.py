@@ -46,7 +46,7 @@ Batch = dict[str, jax.Array]
 
 class ResidentData(NamedTuple):
   """Training rows on the devices: leading axis = device shard (split along 'data')."""
-  embedding: jax.Array    # (shards, images_per_shard, D)
+  embedding: jax.Array    # (shards, images_per_shard, ...) image features
   tokens: jax.Array       # (shards, rows_per_shard, L) one caption per row
   image_index: jax.Array  # (shards, rows_per_shard) the row's image in its shard
   bucket: jax.Array       # (shards, rows_per_shard) index into the length buckets
@@ -146,7 +146,7 @@ def batch_at(data: ResidentData, order: Order, seed_key: jax.Array, step: jax.Ar
   tokens, image_index, bucket = (
       take(array, rows) for array in (data.tokens, data.image_index, data.bucket))
   embedding = take(data.embedding, image_index)
-  batch = {'embedding': embedding.reshape(-1, embedding.shape[-1]).astype(jnp.float32),
+  batch = {'embedding': embedding.reshape(-1, *embedding.shape[2:]).astype(jnp.float32),
            'tokens': tokens.reshape(-1, tokens.shape[-1])}
   return order, batch, jnp.max(bucket)
 
@@ -200,7 +200,7 @@ def build(setup: Setup) -> Trainer:
   tokens, image_index = resident.caption_rows(cached, setup.train_table)
   logging.info('Resident training data: %d captions of %d images, %s embeddings, on %d devices',
                len(tokens), len(cached.image_ids), config.model.dtype, mesh.size)
-  state = state_lib.initial_decoder_state(config, setup.model, mesh, cached.embedding.shape[1])
+  state = state_lib.initial_decoder_state(config, setup.model, mesh, cached.embedding.shape[1:])
   state = setup.checkpoints.restore_latest(state)
   return make(state, cached.embedding, tokens, image_index, config, mesh,
               functools.partial(state_lib.with_trained_decoder, setup.full_state))

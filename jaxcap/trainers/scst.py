@@ -43,7 +43,7 @@ BASELINES = ('mean_of_others', 'greedy')
 
 class ScstData(NamedTuple):
   """Training images on the devices: leading axes (device shard, image in the shard)."""
-  embedding: jax.Array                  # (shards, images_per_shard, D)
+  embedding: jax.Array                  # (shards, images_per_shard, ...) image features
   references: rewards.ImageReferences   # (shards, images_per_shard, ...)
 
 
@@ -112,12 +112,12 @@ def make_scst_step(*, per_shard_batch: int, num_samples: int, baseline: str, tem
     index = images_at(order_key, state.step, num_shards, images_per_shard, per_shard_batch)
     take = jax.vmap(lambda array, rows: array[rows])
     flat = lambda x: x.reshape(-1, *x.shape[2:])
-    embedding = flat(take(data.embedding, index)).astype(jnp.float32)    # (B, D)
+    embedding = flat(take(data.embedding, index)).astype(jnp.float32)    # (B, ...)
     references = rewards.ImageReferences(*(flat(take(x, index)) for x in data.references))
     batch_size = embedding.shape[0]
 
     variables = {'params': state.params}
-    sample_embedding = jnp.repeat(embedding, num_samples, axis=0)        # (B * S, D)
+    sample_embedding = jnp.repeat(embedding, num_samples, axis=0)        # (B * S, ...)
     samples = decode.sample_from_embedding(
         state.apply_fn, variables, sample_embedding, max_len,
         jax.random.fold_in(sample_key, state.step), temperature)
@@ -180,7 +180,7 @@ def build(setup: Setup) -> Trainer:
   logging.info('Self-critical training: %d images with %d references each at most, %d samples '
                'each, %s baseline, from %s', len(cached.image_ids), tokens.shape[1],
                config.scst.num_samples, config.scst.baseline, config.scst.init_from)
-  state = state_lib.initial_decoder_state(config, setup.model, mesh, cached.embedding.shape[1])
+  state = state_lib.initial_decoder_state(config, setup.model, mesh, cached.embedding.shape[1:])
   state = state.replace(params={'decoder': setup.full_state.params['decoder']})
   state = setup.checkpoints.restore_latest(state)
   data = place(cached.embedding, scorer.references, mesh, captioner.DTYPES[config.model.dtype])
