@@ -89,7 +89,8 @@ def test_beam_keeps_finished_hypotheses_and_distinct_beams():
     assert score == pytest.approx(_sequence_log_prob(table, 0, row), abs=1e-4)
   assert scores[0].tolist() == sorted(scores[0].tolist(), reverse=True)
   # A beam as wide as the search space keeps exactly the best sequences, in order.
-  wide_tokens, wide_scores, _ = decode.beam_hypotheses(apply_with(table), None, images, 4, VOCAB ** 2)
+  wide_tokens, wide_scores, _ = decode.beam_hypotheses(apply_with(table), None, images, 4,
+                                                       VOCAB ** 2)
   exhaustive = _all_sequences(table, 0, 3)
   assert wide_tokens[0, :5].tolist() == [seq for _, seq in exhaustive[:5]]
   np.testing.assert_allclose(wide_scores[0, :5], [s for s, _ in exhaustive[:5]], atol=1e-4)
