@@ -84,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   shapes.train_size = 20_000
   shapes.val_size = 1_000
   shapes.test_size = 1_000
+  # True: two different objects per scene, and captions that also say where one is relative to
+  # the other (left of / right of / above / below); evaluation adds `relation_accuracy`.
+  shapes.relations = False
 
   config.model = model = ml_collections.ConfigDict()
   # 'show_tell': an LSTM started from the pooled image embedding (jaxcap/models/decoder.py);

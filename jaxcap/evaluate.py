@@ -118,12 +118,13 @@ def evaluate_split(
     eval_fn: Callable[[dict[str, np.ndarray]], tuple[dict[str, jax.Array], ...]],
     tokenizer: tokenizer_lib.Tokenizer,
     references: Mapping[int, Sequence[str]],
-    scene_accuracy_fn: Callable[[Sequence[str], Sequence[Sequence[str]]], float] | None = None,
+    scene_metrics: Mapping[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {},
 ) -> SplitResult:
   """Runs `eval_fn` over a split and scores it.
 
   `eval_fn(batch)` returns the global batch's loss sums, generated ids, image ids and mask (every
-  process's rows, gathered), so each process scores the whole split.
+  process's rows, gathered), so each process scores the whole split. `scene_metrics` are more
+  metrics by name, of the generated captions and their references (`scene_metrics_of`).
   """
   start = time.perf_counter()
   totals = {'loss_sum': 0.0, 'correct': 0.0, 'num_tokens': 0.0}
@@ -144,10 +145,9 @@ def evaluate_split(
   refs = {i: references[i] for i in generated}
   scores, cider_d = score_captions(refs, generated)
   metrics.update(scores)
-  if scene_accuracy_fn is not None:
-    ids = sorted(generated)
-    metrics['scene_accuracy'] = scene_accuracy_fn([generated[i] for i in ids],
-                                                  [refs[i] for i in ids])
+  ids = sorted(generated)
+  for name, metric in scene_metrics.items():
+    metrics[name] = metric([generated[i] for i in ids], [refs[i] for i in ids])
   return SplitResult(metrics, generated, cider_d)
 
 
@@ -155,6 +155,17 @@ def log_examples(result: SplitResult, references: Mapping[int, Sequence[str]], c
   for image_id in sorted(result.generated)[:count]:
     logging.info('  image %d\n    generated: %s\n    reference: %s', image_id,
                  result.generated[image_id], references[image_id][0])
+
+
+def scene_metrics_of(data_config: ml_collections.ConfigDict) -> dict[str, Callable]:
+  """The built-in dataset's metrics of parsed captions: `scene_accuracy` (the objects named
+  right) and, for relational scenes, `relation_accuracy` (objects and relation right)."""
+  if data_config.name != 'shapes_captions':
+    return {}
+  metrics = {'scene_accuracy': shapes.scene_accuracy}
+  if data_config.shapes.relations:
+    metrics['relation_accuracy'] = shapes.relation_accuracy
+  return metrics
 
 
 class SplitEvaluator:
@@ -187,11 +198,11 @@ class SplitEvaluator:
         process_index=jax.process_index(), process_count=jax.process_count())
     batches = input_pipeline.eval_batches(ds, self.batch_size, input_pipeline.batches_per_process(
         self.builder, split, self.batch_size, jax.process_count()))
-    scene = shapes.scene_accuracy if self.config.data.name == 'shapes_captions' else None
     def eval_fn(batch):
       outputs = self.predictor.run(state, batch)
       return outputs['sums'], outputs['ids'], outputs['image/id'], outputs['mask']
-    return evaluate_split(batches, eval_fn, self.tokenizer, references, scene)
+    return evaluate_split(batches, eval_fn, self.tokenizer, references,
+                          scene_metrics_of(self.config.data))
 
 
 def write_results_file(path: str, generated: Mapping[int, str]) -> None:

@@ -49,6 +49,62 @@ def test_scene_accuracy():
     shapes.scene_accuracy(['a big red circle'], refs)
 
 
+def _centroid(image, colour):
+  distance = np.linalg.norm(image.astype(float) - shapes.COLOURS[colour], axis=-1)
+  ys, xs = np.nonzero(distance < 40)
+  return ys.mean(), xs.mean()
+
+
+def test_relational_captions_say_where_the_objects_are_in_the_pixels():
+  seen, checked = set(), 0
+  for index in range(150):
+    example = shapes.make_example(0, 0, index, image_size=64, min_objects=1, max_objects=4,
+                                  relations=True)
+    first, second = example.objects
+    assert first != second
+    assert len(example.captions) == 5 and len(set(example.captions)) == 5
+    for caption in example.captions:
+      assert shapes.parse_caption(caption) == shapes.scene_of(example.objects), caption
+      assert shapes.parse_relation(caption) == example.relation, caption
+    seen.add(example.relation[1])
+    if first[1] == second[1]:
+      continue  # Same colour: the pixels do not tell the objects apart.
+    # Where each object's pixels are, independently of how the scene was drawn.
+    (y1, x1), (y2, x2) = _centroid(example.image, first[1]), _centroid(example.image, second[1])
+    dy, dx = y1 - y2, x1 - x2
+    if max(abs(dx), abs(dy)) < 1.5 * min(abs(dx), abs(dy)):
+      continue  # A triangle's centroid is off its centre: only clear cases are checked.
+    if abs(dx) > abs(dy):
+      expected = (first, 'left of', second) if dx < 0 else (second, 'left of', first)
+    else:
+      expected = (first, 'above', second) if dy < 0 else (second, 'above', first)
+    assert example.relation == expected, (index, example.captions)
+    checked += 1
+  assert seen == {'left of', 'above'} and checked > 80
+
+
+def test_parse_relation_reads_every_phrasing_one_way():
+  red, blue = ('small', 'red', 'square'), ('large', 'blue', 'circle')
+  for caption in ('a small red square to the left of a big blue circle',
+                  'there is one big blue circle right of a tiny red square',
+                  'an image with a large blue circle on the right of a little red square'):
+    assert shapes.parse_relation(caption) == (red, 'left of', blue), caption
+  assert shapes.parse_relation('a big blue circle under a small red square') == (
+      red, 'above', blue)
+  assert shapes.parse_relation('a small red square and a big blue circle') is None
+
+
+def test_relation_accuracy_needs_the_objects_and_the_relation():
+  refs = [['a small red square left of a big blue circle']]
+  right = 'one big blue circle to the right of one tiny red square'
+  assert shapes.relation_accuracy([right], refs) == 1.0
+  assert shapes.relation_accuracy(['a big blue circle left of a small red square'], refs) == 0.0
+  assert shapes.scene_accuracy(['a big blue circle left of a small red square'], refs) == 1.0
+  assert shapes.relation_accuracy(['a small red square above a big blue circle'], refs) == 0.0
+  assert shapes.relation_accuracy(['a small red square left of a big red circle'], refs) == 0.0
+  assert shapes.relation_accuracy(['a small red square and a big blue circle'], refs) == 0.0
+
+
 def test_bad_object_counts_are_rejected():
   with pytest.raises(ValueError, match='max_objects'):
     shapes.make_example(0, 0, 0, image_size=64, min_objects=1, max_objects=5)

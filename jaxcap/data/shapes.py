@@ -4,6 +4,10 @@ Pure numpy (no TensorFlow): a scene is a list of objects, each a (size, colour, 
 placed without overlap on a noisy, varied background. Every image gets five captions in varied
 phrasings that all name the same multiset of objects, so a caption can be parsed back into that
 multiset and a generated caption scored by `scene_accuracy`.
+
+With `relations`, every scene holds two different objects and its captions also say where the
+first is relative to the second ("a small red square to the left of a big blue circle", "a big
+blue circle right of a small red square"): `relation_accuracy` scores objects and relation.
 """
 
 from __future__ import annotations
@@ -40,9 +44,23 @@ _PLACEMENT_TRIES = 100
 # Smallest gap between two objects, as a fraction of the image side.
 _MARGIN_FRACTION = 0.03
 
+# Words a caption may use for where one object is relative to another, per relation.
+_RELATION_WORDS = {
+    'left of': ('to the left of', 'left of', 'on the left of'),
+    'right of': ('to the right of', 'right of', 'on the right of'),
+    'above': ('above', 'over'),
+    'below': ('below', 'under', 'beneath'),
+}
+_INVERSE = {'left of': 'right of', 'right of': 'left of', 'above': 'below', 'below': 'above'}
+# A relational scene is redrawn until its larger centre offset is this many times the smaller:
+# no scene is nearly diagonal, so "left of" or "above" is never a close call.
+_RELATION_CLEARANCE = 1.25
+
 # Object = (size, colour, shape); Scene = sorted tuple of (count, size, colour, shape).
 Object = tuple[str, str, str]
 Scene = tuple[tuple[int, str, str, str], ...]
+# (first object, 'left of' or 'above', second object): each relation said one way.
+Relation = tuple[Object, str, Object]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +68,7 @@ class Example:
   image: np.ndarray  # (size, size, 3) uint8
   objects: tuple[Object, ...]
   captions: tuple[str, ...]
+  relation: Relation | None = None
 
 
 def scene_of(objects: Iterable[Object]) -> Scene:
@@ -108,6 +127,12 @@ def _place(rng: np.random.Generator, radii: Sequence[float],
 
 def render(objects: Sequence[Object], size: int, rng: np.random.Generator) -> np.ndarray:
   """Draws the objects on a fresh background; returns a (size, size, 3) uint8 image."""
+  return render_with_centres(objects, size, rng)[0]
+
+
+def render_with_centres(objects: Sequence[Object], size: int,
+                        rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[float, float]]]:
+  """`render`, and each object's centre (y, x) in pixels."""
   image = _background(rng, size)
   radii = [_RADIUS_FRACTION[obj_size] * size for obj_size, _, _ in objects]
   centres = _place(rng, radii, size)
@@ -117,7 +142,22 @@ def render(objects: Sequence[Object], size: int, rng: np.random.Generator) -> np
     mask = _mask(shape, yy - cy, xx - cx, radii[i])
     rgb = np.array(COLOURS[colour], float) + rng.uniform(-_COLOUR_JITTER, _COLOUR_JITTER, 3)
     image[mask] = rgb + rng.normal(0, _NOISE_STD / 2, size=(mask.sum(), 3))
-  return np.clip(np.round(image), 0, 255).astype(np.uint8)
+  return np.clip(np.round(image), 0, 255).astype(np.uint8), centres
+
+
+def relation_between(centre: tuple[float, float], other: tuple[float, float]) -> str:
+  """Where an object at `centre` (y, x) is relative to one at `other`, by the larger offset."""
+  dy, dx = centre[0] - other[0], centre[1] - other[1]
+  if abs(dx) >= abs(dy):
+    return 'left of' if dx < 0 else 'right of'
+  return 'above' if dy < 0 else 'below'
+
+
+def canonical_relation(first: Object, relation: str, second: Object) -> Relation:
+  """The relation said one way: 'right of' and 'below' become 'left of' and 'above'."""
+  if relation in ('right of', 'below'):
+    return second, _INVERSE[relation], first
+  return first, relation, second
 
 
 # --------------------------------------------------------------------------- captions
@@ -159,6 +199,29 @@ def captions_for(objects: Sequence[Object], rng: np.random.Generator,
   return tuple(captions)
 
 
+_RELATION_TEMPLATES = (
+    lambda a, r, b: f'{a} {r} {b}',
+    lambda a, r, b: f'there is {a} {r} {b}',
+    lambda a, r, b: f'a picture of {a} {r} {b}',
+    lambda a, r, b: f'{a} {r} {b} on a noisy background',
+    lambda a, r, b: f'an image with {a} {r} {b}',
+)
+
+
+def relation_captions_for(relation: Relation, rng: np.random.Generator,
+                          num_captions: int = _NUM_CAPTIONS) -> tuple[str, ...]:
+  """Differently phrased captions naming both objects and where the first is relative to the
+  second, each starting with either object."""
+  first, word, second = relation
+  templates = rng.choice(len(_RELATION_TEMPLATES), size=num_captions, replace=False)
+  captions = []
+  for template in templates:
+    a, r, b = (first, word, second) if rng.random() < 0.5 else (second, _INVERSE[word], first)
+    captions.append(_RELATION_TEMPLATES[template](
+        _group_phrase(1, *a, rng), rng.choice(_RELATION_WORDS[r]), _group_phrase(1, *b, rng)))
+  return tuple(captions)
+
+
 _SIZE_OF_WORD = {word: size for size, words in _SIZE_WORDS.items() for word in words}
 _COUNT_OF_WORD = {word: n for n, words in _COUNT_WORDS.items() for word in words} | {'an': 1}
 _GROUP_PATTERN = re.compile(
@@ -176,6 +239,42 @@ def parse_caption(caption: str) -> Scene:
   for count, size, colour, shape, _ in _GROUP_PATTERN.findall(caption.lower()):
     counts[(_SIZE_OF_WORD[size], colour, shape)] += _COUNT_OF_WORD[count]
   return tuple(sorted((n, *obj) for obj, n in counts.items()))
+
+
+_OBJECT_PATTERN = (r'(?:' + '|'.join(_COUNT_OF_WORD) + r')\s+(' + '|'.join(_SIZE_OF_WORD) +
+                   r')\s+(' + '|'.join(COLOURS) + r')\s+(' + '|'.join(SHAPES) + r')')
+_RELATION_OF_WORDS = {w: r for r, words in _RELATION_WORDS.items() for w in words}
+_RELATION_PATTERN = re.compile(
+    r'\b' + _OBJECT_PATTERN + r'\s+(' +
+    '|'.join(sorted(_RELATION_OF_WORDS, key=len, reverse=True)) + r')\s+' + _OBJECT_PATTERN +
+    r'\b')
+
+
+def parse_relation(caption: str) -> Relation | None:
+  """The first "<object> <relation words> <object>" of a caption, said one way, or None."""
+  match = _RELATION_PATTERN.search(caption.lower())
+  if match is None:
+    return None
+  size_a, colour_a, shape_a, words, size_b, colour_b, shape_b = match.groups()
+  return canonical_relation((_SIZE_OF_WORD[size_a], colour_a, shape_a), _RELATION_OF_WORDS[words],
+                            (_SIZE_OF_WORD[size_b], colour_b, shape_b))
+
+
+def relation_correct(generated: str, references: Sequence[str]) -> bool:
+  """Whether a caption names exactly the scene's objects and where one is relative to the
+  other, as its first reference does."""
+  expected = parse_relation(references[0])
+  return (expected is not None and parse_relation(generated) == expected
+          and scene_correct(generated, references))
+
+
+def relation_accuracy(generated: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+  """Fraction of images whose generated caption names the objects and their relation right."""
+  if len(generated) != len(references):
+    raise ValueError(f'{len(generated)} generated captions for {len(references)} images')
+  if not generated:
+    return 0.0
+  return float(np.mean([relation_correct(g, refs) for g, refs in zip(generated, references)]))
 
 
 def scene_correct(generated: str, references: Sequence[str]) -> bool:
@@ -204,13 +303,32 @@ def sample_objects(rng: np.random.Generator, min_objects: int,
                for _ in range(num_objects))
 
 
+def _relational_example(rng: np.random.Generator, image_size: int) -> Example:
+  """Two different objects, placed until one is clearly left/right of or above/below the
+  other."""
+  objects = sample_objects(rng, 2, 2)
+  while objects[0] == objects[1]:
+    objects = sample_objects(rng, 2, 2)
+  while True:
+    image, (centre, other) = render_with_centres(objects, image_size, rng)
+    offsets = sorted([abs(centre[0] - other[0]), abs(centre[1] - other[1])])
+    if offsets[1] >= _RELATION_CLEARANCE * offsets[0]:
+      break
+  relation = canonical_relation(objects[0], relation_between(centre, other), objects[1])
+  return Example(image=image, objects=objects, captions=relation_captions_for(relation, rng),
+                 relation=relation)
+
+
 def make_example(seed: int, split_index: int, index: int, *, image_size: int,
-                 min_objects: int, max_objects: int) -> Example:
-  """One deterministic example: the same arguments always give the same image and captions."""
+                 min_objects: int, max_objects: int, relations: bool = False) -> Example:
+  """One deterministic example: the same arguments always give the same image and captions.
+  With `relations`, two objects and relational captions (min/max_objects do not apply)."""
   if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
     raise ValueError(f'need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, '
                      f'got {min_objects}, {max_objects}')
   rng = np.random.default_rng([seed, split_index, index])
+  if relations:
+    return _relational_example(rng, image_size)
   objects = sample_objects(rng, min_objects, max_objects)
   image = render(objects, image_size, rng)
   return Example(image=image, objects=objects, captions=captions_for(objects, rng))

@@ -28,6 +28,7 @@ class ShapesCaptionsConfig(tfds.core.BuilderConfig):
   train_size: int = 8000
   val_size: int = 500
   test_size: int = 500
+  relations: bool = False
 
 
 class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
@@ -58,7 +59,8 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
     for index in range(getattr(config, f'{split}_size')):
       example = shapes.make_example(
           config.seed, split_index, index, image_size=config.image_size,
-          min_objects=config.min_objects, max_objects=config.max_objects)
+          min_objects=config.min_objects, max_objects=config.max_objects,
+          relations=config.relations)
       image_id = split_index * _ID_STRIDE + index
       yield image_id, {
           'image': example.image,
@@ -77,5 +79,6 @@ def builder_from_config(shapes_config: ml_collections.ConfigDict,
   config = ShapesCaptionsConfig(name='default', **fields)
   config = dataclasses.replace(config, name=(
       f'px{config.image_size}_obj{config.min_objects}to{config.max_objects}_seed{config.seed}'
-      f'_n{config.train_size}_{config.val_size}_{config.test_size}'))
+      f'_n{config.train_size}_{config.val_size}_{config.test_size}'
+      f'{"_relations" if config.relations else ""}'))
   return ShapesCaptions(config=config, data_dir=data_dir)
