@@ -15,5 +15,11 @@ from configs import demo
 def get_config():
   config = demo.get_config()
   config.data.shapes.relations = True
+  # Room for the relation words: at 128 pieces a fifth of the captions outgrow max_len.
+  config.data.vocab_size = 256
   config.model.decoder = 'updown'
+  # Two LSTMs and attention cost about three times the demo's one LSTM of 300 per word: these
+  # sizes and fewer steps keep the run in the demo's time (docs/benchmarks.md).
+  config.model.lstm_size = 160
+  config.model.attention_size = 64
   return config

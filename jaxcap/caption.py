@@ -10,6 +10,7 @@ import re
 import ml_collections
 import numpy as np
 
+from jaxcap import attention_maps
 from jaxcap import predict
 from jaxcap.data import caption_files
 from jaxcap.data import preprocess as preprocess_lib
@@ -60,7 +61,9 @@ def _reason(error: Exception, path: str) -> str:
 
 def caption_paths(trained: predict.Trained, paths: Iterable[str]) -> list[tuple[str, dict]]:
   """(path, {'caption': text, 'log_prob': the model's log-probability of it} or
-  {'error': message}) for each path, in order."""
+  {'error': message}) for each path, in order. A decoder that attends adds 'tokens' (the
+  generated pieces, EOS as '</s>'), 'attention' (an H x W list of weights per token) and 'grid'
+  ([H, W])."""
   config, mesh = trained.config, trained.mesh
   results: dict[str, dict] = {}
   loaded: list[tuple[str, np.ndarray]] = []
@@ -73,10 +76,15 @@ def caption_paths(trained: predict.Trained, paths: Iterable[str]) -> list[tuple[
   # One batch shape: all images up to eval.batch_size, rounded up to fill every device.
   batch_size = min(config.eval.batch_size, -(-max(len(loaded), 1) // mesh.size) * mesh.size)
   predictor = predict.Predictor(config, mesh, (batch_size,))
+  grid = trained.attention_grid
   for start in range(0, len(loaded), batch_size):
     chunk = loaded[start:start + batch_size]
     outputs = predictor(trained.state, np.stack([image for _, image in chunk]))
     texts = trained.tokenizer.decode(outputs['ids'])
-    for (path, _), text, log_prob in zip(chunk, texts, outputs['log_probs'].tolist()):
-      results[path] = {'caption': text, 'log_prob': log_prob}
+    for i, ((path, _), text) in enumerate(zip(chunk, texts)):
+      results[path] = {'caption': text, 'log_prob': float(outputs['log_probs'][i])}
+      if grid is not None:
+        maps = attention_maps.token_maps(trained.tokenizer, outputs['ids'][i],
+                                         outputs['attention'][i], grid)
+        results[path].update(tokens=maps.tokens, attention=maps.maps.tolist(), grid=list(grid))
   return [(path, results[path]) for path in paths]

@@ -32,6 +32,13 @@ class Trained:
   state: state_lib.TrainState
   mesh: jax.sharding.Mesh
 
+  @property
+  def attention_grid(self) -> tuple[int, int] | None:
+    """(H, W) of the grid the decoder attends over, or None for one that does not attend."""
+    if not captioner.DECODERS[self.config.model.decoder]:
+      return None
+    return tuple(state_lib.features_shape(self.config, self.state)[:2])
+
 
 def init_from_state(config: ml_collections.ConfigDict,
                     template: state_lib.TrainState) -> state_lib.TrainState:

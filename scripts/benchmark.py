@@ -61,7 +61,10 @@ flags.DEFINE_enum('mode', 'train', [
     'checkpoint'
 ], 'What to time.')
 flags.DEFINE_integer('embedding_dim', 2048,
-                     'Image embedding size of the decoder mode (InceptionV3: 2048).')
+                     'Image embedding size (grid channels for updown) of the decoder and scst '
+                     'modes (InceptionV3: 2048).')
+flags.DEFINE_integer('grid', 8, 'Decoder and scst modes with config.model.decoder=updown: the '
+                     'side of the square image grid (InceptionV3 at 299 px: 8).')
 flags.DEFINE_integer('batch_size', None, 'Global batch (default: config.batch_size).')
 flags.DEFINE_integer('vocab_size', 10_000, 'Vocabulary size of the synthetic model.')
 flags.DEFINE_integer('max_len', None, 'Caption length (default: config.data.max_len).')
@@ -160,6 +163,13 @@ def unrolled_step_flops(config, vocab_size: int, step_fn, state, batch) -> float
   return flops_of(jax.jit(step_fn), (state.replace(apply_fn=model.apply), batch))
 
 
+def features_shape(config) -> tuple[int, ...]:
+  """One synthetic image's features: an embedding, or a grid for a decoder that attends."""
+  if captioner.DECODERS[config.model.decoder]:
+    return (FLAGS.grid, FLAGS.grid, FLAGS.embedding_dim)
+  return (FLAGS.embedding_dim,)
+
+
 def decoder_workload(config, mesh, batch_size: int, vocab_size: int,
                      resident_steps: bool) -> Workload:
   """Decoder steps on synthetic embeddings and COCO-like captions grouped by length: host
@@ -168,9 +178,9 @@ def decoder_workload(config, mesh, batch_size: int, vocab_size: int,
   num_batches = max(FLAGS.steps, FLAGS.num_batches)
   tokens = synthetic_tokens(batch_size * num_batches, config.data.max_len, vocab_size)
   embedding = np.random.default_rng(1).normal(
-      size=(len(tokens), FLAGS.embedding_dim)).astype(np.float32)
+      size=(len(tokens), *features_shape(config))).astype(np.float32)
   model = captioner.create_model(config.model, vocab_size)
-  state = state_lib.initial_decoder_state(config, model, mesh, FLAGS.embedding_dim)
+  state = state_lib.initial_decoder_state(config, model, mesh, features_shape(config))
   decoder_step = functools.partial(train_step_lib.decoder_train_step, dropout_key=_DROPOUT_KEY)
   # Host batches as a length-grouping input pipeline makes them.
   grouped = np.argsort(features.bucket_index(tokens, buckets), kind='stable').reshape(
@@ -270,10 +280,10 @@ def scst_workload(config, mesh, batch_size: int,
   references = _synthetic_references(num_images, config.data.max_len, vocab_size)
   scorer = rewards.CiderD.from_padded(references, np.full(num_images, _REFERENCES_PER_IMAGE),
                                       vocab_size)
-  embedding = np.random.default_rng(1).normal(size=(num_images,
-                                                    FLAGS.embedding_dim)).astype(np.float32)
+  embedding = np.random.default_rng(1).normal(
+      size=(num_images, *features_shape(config))).astype(np.float32)
   model = captioner.create_model(config.model, vocab_size)
-  state = state_lib.initial_decoder_state(config, model, mesh, FLAGS.embedding_dim)
+  state = state_lib.initial_decoder_state(config, model, mesh, features_shape(config))
   data = scst.place(embedding, scorer.references, mesh, captioner.DTYPES[config.model.dtype])
   tables = jax.device_put(scorer.tables, parallel.replicated(mesh))
   # FLOPs of one step, on the data the trainer trains on.
@@ -407,12 +417,12 @@ def main(argv):
         'flops_per_step': workload.flops_per_step, 'achieved_tflops': achieved, 'peak_tflops': peak,
         'mfu': achieved / peak if peak else 0.0, 'vocab_size': FLAGS.vocab_size,
         'image_size': config.data.image_size, 'encoder': config.model.encoder,
-        'decode': config.decode.to_dict()})
+        'decoder': config.model.decoder, 'decode': config.decode.to_dict()})
   if mode in ('decoder', 'decoder_resident'):
     results.update({
         'length_buckets': list(config.data.length_buckets),
         'steps_per_call': workload.steps_per_call,
-        'embedding_dim': FLAGS.embedding_dim
+        'features_shape': list(features_shape(config)),
     })
   if workload.tokens_per_step is not None:
     results['tokens_per_sec'] = workload.tokens_per_step / seconds

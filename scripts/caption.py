@@ -25,7 +25,8 @@ flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
 flags.DEFINE_integer('beam', None, 'Beam size (default: the config\'s decoding method).')
 flags.DEFINE_float('temperature', None, 'Sample with this temperature instead.')
 flags.DEFINE_bool('json', False, 'Print one JSON list of {"path", "caption" and "log_prob" (the '
-                  'model\'s log-probability of the caption) | "error"}.')
+                  'model\'s log-probability of the caption) | "error"}; a decoder that attends '
+                  'adds "tokens", "attention" (an H x W map per token) and "grid" ([H, W]).')
 
 
 def main(argv):

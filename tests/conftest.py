@@ -50,6 +50,7 @@ def tiny_config(data_dir: str):
   model = config.model
   model.small_cnn.features = (8, 16)
   model.image_bottleneck, model.embed_dim, model.lstm_size, model.logit_bottleneck = 16, 16, 32, 16
+  model.attention_size = 16
   config.optimizer.warmup_steps = 1
   config.eval.batch_size = 8
   config.eval.num_printed_examples = 1
@@ -81,29 +82,43 @@ def _run_folder(tmp_path_factory) -> pathlib.Path:
   return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
 
 
-@pytest.fixture(scope='session')
-def trained_workdir(tmp_path_factory, data_dir) -> str:
-  """A workdir trained by scripts/train.py on tiny_config (6 steps, one CPU device), for the
-  tests of what reads a trained workdir: gallery, export, caption server. Trained once per run,
-  by the first worker that needs it (the others wait on a file lock)."""
+def _trained_once(tmp_path_factory, data_dir: str, name: str, **fields) -> str:
+  """A workdir trained by scripts/train.py on tiny_config with `fields` (one CPU device), once
+  per run, by the first worker that needs it (the others wait on a file lock)."""
   import fcntl
   import subprocess
   run_folder = _run_folder(tmp_path_factory)
-  base = run_folder / 'trained'
+  base = run_folder / name
   workdir = base / 'workdir'
-  with open(run_folder / 'trained.lock', 'w') as lock:
+  with open(run_folder / f'{name}.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
     if not (base / 'done').exists():
       shutil.rmtree(base, ignore_errors=True)  # What a failed attempt left.
       base.mkdir()
-      config_file = write_config_file(base / 'tiny_config.py', data_dir, num_train_steps=6,
-                                      eval_every_steps=6)
+      config_file = write_config_file(base / 'tiny_config.py', data_dir, **fields)
       root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
       subprocess.run([sys.executable, os.path.join(root, 'scripts', 'train.py'), '--config',
                       config_file, '--workdir', str(workdir)], check=True, capture_output=True,
                      timeout=600, cwd=root, env={**os.environ, 'XLA_FLAGS': SCRIPT_XLA_FLAGS})
       (base / 'done').touch()
   return str(workdir)
+
+
+@pytest.fixture(scope='session')
+def trained_workdir(tmp_path_factory, data_dir) -> str:
+  """A Show-and-Tell workdir trained 6 steps, for the tests of what reads a trained workdir:
+  gallery, export, caption server."""
+  return _trained_once(tmp_path_factory, data_dir, 'trained', num_train_steps=6,
+                       eval_every_steps=6)
+
+
+@pytest.fixture(scope='session')
+def updown_workdir(tmp_path_factory, data_dir) -> str:
+  """The same with the Up-Down decoder on relational scenes: what reads a trained workdir shows
+  where the model looked."""
+  return _trained_once(tmp_path_factory, data_dir, 'updown', num_train_steps=6,
+                       eval_every_steps=6, **{'model.decoder': 'updown',
+                                              'data.shapes.relations': True})
 
 
 # A test's report for the end of the run (`record_property(SUMMARY_PROPERTY, text)`): pytest

@@ -89,10 +89,11 @@ def test_every_config_builds_its_model_and_trains_its_parameters(name):
         dropout_key=key)
   else:
     full = jax.eval_shape(functools.partial(state_lib.create_train_state, config, model), key)
-    embedding_dim = jax.eval_shape(
-        lambda s: s.apply_fn(s.variables, images, method='encode'), full).shape[-1]
-    state = state_lib.create_decoder_state(config, model, key, embedding_dim)
-    embedding = np.random.default_rng(1).normal(size=(batch_size, embedding_dim)).astype(np.float32)
+    features_shape = jax.eval_shape(
+        lambda s: s.apply_fn(s.variables, images, method='encode'), full).shape[1:]
+    state = state_lib.create_decoder_state(config, model, key, features_shape)
+    embedding = np.random.default_rng(1).normal(
+        size=(batch_size, *features_shape)).astype(np.float32)
     if config.trainer == 'scst':
       mesh = parallel.make_mesh(jax.devices()[:1])
       # Image 0's reference holds every word, image 1's none of them: samples score apart.

@@ -78,6 +78,7 @@ _TINY_CONFIG = (
     '--config.data.shapes.test_size=12', '--config.model.small_cnn.features=(8, 16)',
     '--config.model.image_bottleneck=16', '--config.model.embed_dim=16',
     '--config.model.lstm_size=32', '--config.model.logit_bottleneck=16',
+    '--config.model.attention_size=16',
     '--config.optimizer.warmup_steps=1', '--config.eval.batch_size=8',
     '--config.eval.num_printed_examples=1', '--config.features.batch_size=8',
     '--config.features.batches_per_part=1', '--config.resident.steps_per_call=2')
@@ -90,8 +91,11 @@ _TINY_PEER = {'keras_show_tell.py': ('--batch_size', '4', '--vocab_size', '64', 
                                      '--warmup', '1'),
               'torch_show_tell.py': ('--batch_size', '4', '--vocab_size', '64', '--steps', '1',
                                      '--warmup', '1'),
+              'torch_updown.py': ('--batch_size', '4', '--vocab_size', '64', '--features', '32',
+                                  '--steps', '1', '--warmup', '1'),
               'keras_inception_infer.py': ('--batch_size', '1', '--steps', '1')}
 _PEER_FRAMEWORK = {'keras_show_tell.py': 'keras', 'torch_show_tell.py': 'torch',
+                   'torch_updown.py': 'torch',
                    'keras_inception_infer.py': 'keras'}
 # scripts/benchmark_gpu.sh's runs that run here (ONLY=): bfloat16 programs that no other
 # command runs, one of the frozen InceptionV3 and one of the resident decoder.

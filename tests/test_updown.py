@@ -1,14 +1,23 @@
 """The Up-Down decoder against the equations of the PyTorch peer (`shared/peers/torch_updown.py`),
 written out in numpy one word at a time, and the captioner that feeds it the encoder's grid."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 
+from jaxcap import attention_maps
+from jaxcap import caption
 from jaxcap import decode
+from jaxcap import predict
+from jaxcap.data import shapes
 from jaxcap.data.tokenizer import BOS_ID
+from jaxcap.data.tokenizer import EOS_ID
 from jaxcap.data.tokenizer import PAD_ID
 from jaxcap.models import captioner
 from jaxcap.models import updown
@@ -164,3 +173,42 @@ def test_a_trainable_encoder_gets_gradient_through_attention():
   grads = jax.grad(loss)(variables['params'])
   assert float(jnp.abs(grads['encoder']['conv1']['kernel']).sum()) > 0
   assert float(jnp.abs(grads['decoder']['grid_to_attention']['kernel']).sum()) > 0
+
+
+def test_caption_json_gives_each_generated_token_its_attention_map(updown_workdir, tmp_path):
+  """caption.py's attention equals the decoder's teacher-forced attention over the encoder's grid
+  for the caption it chose, one H x W map per token up to EOS."""
+  trained = predict.restore(updown_workdir)
+  image = shapes.make_example(0, 2, 0, image_size=32, min_objects=1, max_objects=2,
+                              relations=True).image
+  path = tmp_path / 'scene.png'
+  Image.fromarray(image).save(path)
+  (_, result), = caption.caption_paths(trained, [str(path)])
+  grid = trained.state.apply_fn(trained.state.variables,
+                                caption.load_image(str(path), 32)[None], method='encode')
+  assert result['grid'] == [16, 16] == list(grid.shape[1:3])  # (8, 16) blocks: one 2x2 pool.
+  tokens, maps = result['tokens'], np.asarray(result['attention'])
+  assert maps.shape == (len(tokens), 16, 16)
+  np.testing.assert_allclose(maps.sum((1, 2)), 1.0, atol=1e-5)
+  ids = [trained.tokenizer.processor.piece_to_id(t) for t in tokens if t != attention_maps.END]
+  assert trained.tokenizer.decode(np.array([ids]))[0] == result['caption']
+  inputs = np.array([[BOS_ID] + ids + [EOS_ID] * (len(tokens) - len(ids))])[:, :len(tokens)]
+  config = trained.config.model
+  teacher = updown.UpDownDecoder(
+      trained.tokenizer.vocab_size, config.embed_dim, config.lstm_size, config.attention_size
+  ).apply({'params': trained.state.params['decoder']}, grid, inputs, method='attention')
+  np.testing.assert_allclose(maps.reshape(len(tokens), -1), teacher[0], atol=1e-5)
+  # The evaluation of the relational run reports both scene metrics.
+  with open(os.path.join(updown_workdir, 'metrics.jsonl')) as f:
+    last = [json.loads(line) for line in f][-1]
+  assert last['split'] == 'test'
+  assert {'relation_accuracy', 'scene_accuracy'} <= set(last), sorted(last)
+
+
+def test_word_maps_join_pieces_into_words_with_their_mean_map():
+  maps = np.arange(5 * 4, dtype=np.float32).reshape(5, 2, 2)
+  words = attention_maps.word_maps(attention_maps.TokenMaps(
+      ['▁a', '▁ab', 'ove', '▁red', attention_maps.END], maps))
+  assert [w for w, _ in words] == ['a', 'above', 'red']
+  np.testing.assert_array_equal(words[1][1], (maps[1] + maps[2]) / 2)
+  np.testing.assert_array_equal(words[2][1], maps[3])

@@ -70,6 +70,8 @@ class UpDownDecoder(nn.Module):
   lstm_size: int = 512
   attention_size: int = 512
   loss_chunk_steps: int = 1
+  # Time steps per iteration of the scan (1: a plain loop).
+  lstm_unroll: int = 1
   # Dropout rate on the word embeddings and on the language LSTM's outputs, in training only.
   dropout: float = 0.0
   dtype: Any = jnp.float32
@@ -83,7 +85,7 @@ class UpDownDecoder(nn.Module):
     self.attention_lstm_mean = dense(4 * self.lstm_size, bias=False)
     self.grid_to_attention = dense(self.attention_size)
     self.cells = nn.scan(UpDownCell, variable_broadcast='params', split_rngs={'params': False},
-                         in_axes=(1, nn.broadcast), out_axes=1)(
+                         in_axes=(1, nn.broadcast), out_axes=1, unroll=self.lstm_unroll)(
                              self.lstm_size, self.attention_size, self.dtype, name='cell')
     self.embedding_dropout = nn.Dropout(self.dropout)
     self.output_dropout = nn.Dropout(self.dropout)
