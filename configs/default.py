@@ -120,6 +120,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.logit_bottleneck = 120
   # updown: size of the additive attention's hidden layer.
   model.attention_size = 128
+  # updown: append each grid position's (row, column) to its features, so that the decoder
+  # knows where it looked (False: Anderson et al.'s equations, as shared/peers/torch_updown.py).
+  model.grid_coordinates = False
   # Training scores this many time steps of the vocabulary projection at a time, never holding
   # the whole (batch, time, vocab) logits (see jaxcap/models/softmax_loss.py).
   model.loss_chunk_steps = 1

@@ -19,7 +19,10 @@ def get_config():
   config.data.vocab_size = 256
   config.model.decoder = 'updown'
   # Two LSTMs and attention cost about three times the demo's one LSTM of 300 per word: these
-  # sizes and fewer steps keep the run in the demo's time (docs/benchmarks.md).
+  # sizes keep the run near the demo's time (docs/benchmarks.md).
   config.model.lstm_size = 160
   config.model.attention_size = 64
+  # Pooled CNN features say what is there, not where: without the positions the decoder names
+  # the relation's axis but not its direction (docs/training.md).
+  config.model.grid_coordinates = True
   return config

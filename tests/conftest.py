@@ -118,6 +118,7 @@ def updown_workdir(tmp_path_factory, data_dir) -> str:
   where the model looked."""
   return _trained_once(tmp_path_factory, data_dir, 'updown', num_train_steps=6,
                        eval_every_steps=6, **{'model.decoder': 'updown',
+                                              'model.grid_coordinates': True,
                                               'data.shapes.relations': True})
 
 

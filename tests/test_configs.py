@@ -70,6 +70,8 @@ def test_every_config_builds_its_model_and_trains_its_parameters(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   config.model.encoder_weights = None  # Converted weights cannot exist here.
   config.data.image_size = 75 if config.model.encoder == 'inception_v3' else 32
+  if config.model.decoder == 'updown' and config.model.encoder == 'inception_v3':
+    config.data.image_size = 139  # A 3 x 3 grid to attend over (1 x 1 at 75 pixels).
   vocab, batch_size, max_len = 50, 2, 8
   config.data.max_len = config.scst.max_len = max_len
   model = captioner.create_model(config.model, vocab)

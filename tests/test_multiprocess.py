@@ -90,7 +90,9 @@ def run_config(data_dir, tmp_path_factory):
       checkpoint_every_steps=CHECKPOINT_EVERY,
       **{
           'data.input_shards': 2,
-          'data.eval_splits': ('val',)
+          'data.eval_splits': ('val',),
+          # The decoder that attends: its grid, attention and two LSTMs, over hosts.
+          'model.decoder': 'updown',
       })
   uninterrupted = directory / 'uninterrupted'
   result = subprocess.run(_train_command(config_file, uninterrupted), env=_env(8),

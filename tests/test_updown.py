@@ -95,6 +95,19 @@ def test_teacher_forcing_and_attention_equal_the_peer_equations(model_and_params
   np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-6)
 
 
+def test_grid_coordinates_are_each_position_s_row_and_column_appended(model_and_params):
+  _, _, grid, tokens = model_and_params
+  model = updown.UpDownDecoder(VOCAB, EMBED, LSTM, ATTENTION, grid_coordinates=True)
+  params = model.init(jax.random.key(0), grid, tokens)['params']
+  batch, height, width, _ = grid.shape  # 2 rows, 3 columns.
+  rows = np.array([-1.0, 1.0])[:, None] * np.ones((1, width))
+  cols = np.ones((height, 1)) * np.array([-1.0, 0.0, 1.0])[None]
+  positions = np.broadcast_to(np.stack([rows, cols], -1), (batch, height, width, 2))
+  expected_logits, _ = reference(params, np.concatenate([grid, positions], -1), tokens)
+  np.testing.assert_allclose(model.apply({'params': params}, grid, tokens), expected_logits,
+                             atol=1e-5, rtol=1e-5)
+
+
 def test_step_by_step_equals_teacher_forcing(model_and_params):
   model, params, grid, tokens = model_and_params
   variables = {'params': params}
@@ -124,8 +137,8 @@ def _updown_config():
       'decoder': 'updown', 'encoder': 'small_cnn', 'train_encoder': True, 'bn_momentum': 0.9,
       'small_cnn': {'features': (4, 8), 'pool_before_norm': False, 'strided_first_conv': False},
       'image_bottleneck': 8, 'embed_dim': EMBED, 'lstm_size': LSTM, 'logit_bottleneck': 8,
-      'attention_size': ATTENTION, 'loss_chunk_steps': 1, 'lstm_unroll': 1, 'dropout': 0.0,
-      'dtype': 'float32'})
+      'attention_size': ATTENTION, 'grid_coordinates': False, 'loss_chunk_steps': 1,
+      'lstm_unroll': 1, 'dropout': 0.0, 'dtype': 'float32'})
   return config
 
 
@@ -195,8 +208,9 @@ def test_caption_json_gives_each_generated_token_its_attention_map(updown_workdi
   inputs = np.array([[BOS_ID] + ids + [EOS_ID] * (len(tokens) - len(ids))])[:, :len(tokens)]
   config = trained.config.model
   teacher = updown.UpDownDecoder(
-      trained.tokenizer.vocab_size, config.embed_dim, config.lstm_size, config.attention_size
-  ).apply({'params': trained.state.params['decoder']}, grid, inputs, method='attention')
+      trained.tokenizer.vocab_size, config.embed_dim, config.lstm_size, config.attention_size,
+      grid_coordinates=config.grid_coordinates).apply(
+          {'params': trained.state.params['decoder']}, grid, inputs, method='attention')
   np.testing.assert_allclose(maps.reshape(len(tokens), -1), teacher[0], atol=1e-5)
   # The evaluation of the relational run reports both scene metrics.
   with open(os.path.join(updown_workdir, 'metrics.jsonl')) as f:

@@ -93,7 +93,8 @@ def create_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Ca
             vocab_size=vocab_size, embed_dim=model_config.embed_dim,
             lstm_size=model_config.lstm_size, attention_size=model_config.attention_size,
             loss_chunk_steps=model_config.loss_chunk_steps, lstm_unroll=model_config.lstm_unroll,
-            dropout=model_config.dropout, dtype=dtype),
+            dropout=model_config.dropout, grid_coordinates=model_config.grid_coordinates,
+            dtype=dtype),
         train_encoder=model_config.train_encoder)
   decoder = decoder_lib.Decoder(
       vocab_size=vocab_size, embed_dim=model_config.embed_dim, lstm_size=model_config.lstm_size,

@@ -34,6 +34,15 @@ def lstm_update(c: jnp.ndarray, gates: jnp.ndarray) -> LstmCarry:
   return c, jax.nn.sigmoid(o) * jnp.tanh(c)
 
 
+def with_coordinates(grid: jnp.ndarray) -> jnp.ndarray:
+  """(B, H, W, C) -> (B, H, W, C + 2): each position's row and column, from -1 to 1, appended."""
+  batch, height, width, _ = grid.shape
+  rows, cols = jnp.meshgrid(jnp.linspace(-1, 1, height), jnp.linspace(-1, 1, width),
+                            indexing='ij')
+  coordinates = jnp.broadcast_to(jnp.stack([rows, cols], -1), (batch, height, width, 2))
+  return jnp.concatenate([grid, coordinates.astype(grid.dtype)], axis=-1)
+
+
 class UpDownCell(nn.Module):
   """One word: both LSTMs and the attention between them. Returns the new carry, the language
   LSTM's h and the attention weights over the grid (B, N)."""
@@ -53,7 +62,9 @@ class UpDownCell(nn.Module):
     c_att, h_att = lstm_update(c_att, gates)
     query = dense(self.attention_size, 'attention_query')(h_att)
     hidden = jnp.tanh(projected_grid + query[:, None, :].astype(projected_grid.dtype))
-    scores = dense(1, 'attention_score')(hidden)[..., 0].astype(jnp.float32)
+    # No bias: softmax ignores a shift, so its gradient would be rounding noise that Adam scales
+    # up into a parameter that differs with the order of the gradient all-reduce.
+    scores = dense(1, 'attention_score', bias=False)(hidden)[..., 0].astype(jnp.float32)
     weights = jax.nn.softmax(scores, axis=-1)
     context = jnp.einsum('bn,bnc->bc', weights.astype(grid.dtype), grid)
     gates = (dense(4 * self.lstm_size, 'language_lstm_context')(context)
@@ -74,6 +85,9 @@ class UpDownDecoder(nn.Module):
   lstm_unroll: int = 1
   # Dropout rate on the word embeddings and on the language LSTM's outputs, in training only.
   dropout: float = 0.0
+  # Append each grid position's (row, column), in [-1, 1], to its features: the context vector
+  # then says where the decoder looked, which features a CNN pools over do not.
+  grid_coordinates: bool = False
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -96,9 +110,13 @@ class UpDownDecoder(nn.Module):
   def initial_state(self, grid: jnp.ndarray) -> tuple[Carry, Memory]:
     """(B, H, W, C) grid -> both LSTMs' initial (c, h), and what attention reads each step:
     the flattened grid (B, H * W, C) and its projection (B, H * W, attention_size)."""
+    if self.grid_coordinates:
+      grid = with_coordinates(grid)
     grid = grid.reshape(grid.shape[0], -1, grid.shape[-1])
     mean = jnp.mean(grid.astype(jnp.float32), axis=1)
-    h, c = nn.elu(self.image_to_h(mean)), nn.elu(self.image_to_c(mean))
+    # The carry stays float32 whatever the compute dtype (`lstm_update` computes in float32).
+    h = nn.elu(self.image_to_h(mean)).astype(jnp.float32)
+    c = nn.elu(self.image_to_c(mean)).astype(jnp.float32)
     carry = ((c, h), (c, h))
     grid = grid.astype(self.dtype)
     # The mean's share of the attention LSTM's gates is the same at every step.
