@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxcap import attention_maps
 from jaxcap import gallery
 from jaxcap import parallel
 from jaxcap import predict
@@ -111,6 +112,8 @@ class SplitResult:
   metrics: dict[str, float]
   generated: dict[int, str]
   cider_d: dict[int, float]  # Each image's CIDEr-D.
+  # Where the model looked for each token, by image id (a decoder that attends; else empty).
+  token_maps: dict[int, attention_maps.TokenMaps] = dataclasses.field(default_factory=dict)
 
 
 def evaluate_split(
@@ -119,23 +122,31 @@ def evaluate_split(
     tokenizer: tokenizer_lib.Tokenizer,
     references: Mapping[int, Sequence[str]],
     scene_metrics: Mapping[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {},
+    attention_grid: Sequence[int] | None = None,
 ) -> SplitResult:
   """Runs `eval_fn` over a split and scores it.
 
   `eval_fn(batch)` returns the global batch's loss sums, generated ids, image ids and mask (every
   process's rows, gathered), so each process scores the whole split. `scene_metrics` are more
-  metrics by name, of the generated captions and their references (`scene_metrics_of`).
+  metrics by name, of the generated captions and their references (`scene_metrics_of`). With
+  `attention_grid` (H, W), `eval_fn` also returns each caption's attention, kept as token maps.
   """
   start = time.perf_counter()
   totals = {'loss_sum': 0.0, 'correct': 0.0, 'num_tokens': 0.0}
   generated: dict[int, str] = {}
+  token_maps: dict[int, attention_maps.TokenMaps] = {}
   for batch in batches:
-    sums, tokens, image_ids, mask = jax.device_get(eval_fn(batch))
+    sums, tokens, image_ids, mask, *attention = jax.device_get(eval_fn(batch))
     for key in totals:
       totals[key] += float(sums[key])
     real = np.asarray(mask) > 0
+    ids = np.asarray(image_ids)[real].tolist()
     texts = tokenizer.decode(np.asarray(tokens)[real])
-    generated.update(zip(np.asarray(image_ids)[real].tolist(), texts))
+    generated.update(zip(ids, texts))
+    if attention_grid is not None:
+      for image_id, row, weights in zip(ids, np.asarray(tokens)[real],
+                                        np.asarray(attention[0])[real]):
+        token_maps[image_id] = attention_maps.token_maps(tokenizer, row, weights, attention_grid)
   elapsed = time.perf_counter() - start
   num_tokens = max(totals['num_tokens'], 1.0)
   metrics = {'loss': totals['loss_sum'] / num_tokens,
@@ -148,7 +159,7 @@ def evaluate_split(
   ids = sorted(generated)
   for name, metric in scene_metrics.items():
     metrics[name] = metric([generated[i] for i in ids], [refs[i] for i in ids])
-  return SplitResult(metrics, generated, cider_d)
+  return SplitResult(metrics, generated, cider_d, token_maps)
 
 
 def log_examples(result: SplitResult, references: Mapping[int, Sequence[str]], count: int) -> None:
@@ -198,11 +209,14 @@ class SplitEvaluator:
         process_index=jax.process_index(), process_count=jax.process_count())
     batches = input_pipeline.eval_batches(ds, self.batch_size, input_pipeline.batches_per_process(
         self.builder, split, self.batch_size, jax.process_count()))
+    grid = predict.attention_grid(self.config, state)
+
     def eval_fn(batch):
       outputs = self.predictor.run(state, batch)
-      return outputs['sums'], outputs['ids'], outputs['image/id'], outputs['mask']
+      attention = (outputs['attention'],) if grid is not None else ()
+      return outputs['sums'], outputs['ids'], outputs['image/id'], outputs['mask'], *attention
     return evaluate_split(batches, eval_fn, self.tokenizer, references,
-                          scene_metrics_of(self.config.data))
+                          scene_metrics_of(self.config.data), grid)
 
 
 def write_results_file(path: str, generated: Mapping[int, str]) -> None:
@@ -246,7 +260,8 @@ def evaluate_workdir(trained: predict.Trained, workdir: str, split_name: str, *,
     shown = sorted(result.generated)[:max(gallery_images, 0)]
     entries = gallery.entries(result.generated, result.cider_d, evaluator.references(split),
                               input_pipeline.encoded_images(builder, split, shown),
-                              scene_check=config.data.name == 'shapes_captions')
+                              scene_check=config.data.name == 'shapes_captions',
+                              token_maps=result.token_maps)
     gallery.write(stem + '.html', f'{split_name} · step {step} · {method} · {config.data.name}',
                   result.metrics, entries, len(result.generated))
   return WorkdirEvaluation(step, method, result.metrics, stem)

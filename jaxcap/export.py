@@ -1,10 +1,12 @@
 """A trained captioner as a TensorFlow SavedModel (jax2tf), for serving without JAX.
 
 The serving signature takes a batch of encoded images (JPEG or PNG bytes) and returns their
-captions and log-probabilities. Everything between happens in the graph: decoding the bytes,
-the evaluation preprocessing of training (`preprocess_lib.preprocess_image`: centre square
-crop, resize, [-1, 1]), the model and its decoding (greedy, beam or sampled, as configured),
-and the sentencepiece pieces joined back into text. The model part is the StableHLO JAX lowers,
+captions and log-probabilities, and for a decoder that attends `attention`: (images,
+max_len - 1, H, W) each generated id's weights over the grid (zero after EOS). Everything
+between happens in the graph: decoding the bytes, the evaluation preprocessing of training
+(`preprocess_lib.preprocess_image`: centre square crop, resize, [-1, 1]), the model and its
+decoding (greedy, beam or sampled, as configured), and the sentencepiece pieces joined back
+into text. The model part is the StableHLO JAX lowers,
 for CPU and CUDA, so TF Serving or any TF runtime with XLA runs what jaxcap runs.
 """
 
@@ -65,10 +67,11 @@ class CaptionModule(tf.Module):
     apply_fn = trained.state.apply_fn
     variables = jax.device_get(trained.state.variables)
     captions = predict.caption_fn(config, top_k=decode.portable_top_k)
+    self.grid = trained.attention_grid
 
     def caption_ids(variables, images):
       outputs = captions(apply_fn, variables, images)
-      return outputs['ids'], outputs['log_probs']
+      return outputs['ids'], outputs['log_probs'], outputs['attention']
 
     # Fixed shapes, as everywhere in jaxcap: the graph runs the model on padded chunks.
     self._caption_ids = jax2tf.convert(caption_ids, with_gradient=False,
@@ -86,12 +89,15 @@ class CaptionModule(tf.Module):
     padded = -count % self.batch_size
     chunks = tf.reshape(tf.pad(pixels, [[0, padded], [0, 0], [0, 0], [0, 0]]),
                         (-1, self.batch_size, self.image_size, self.image_size, 3))
-    tokens, log_probs = tf.map_fn(
+    tokens, log_probs, attention = tf.map_fn(
         lambda chunk: self._caption_ids(self.variables_tree, chunk), chunks,
-        fn_output_signature=(tf.int32, tf.float32))
+        fn_output_signature=(tf.int32, tf.float32, tf.float32))
     tokens = tf.reshape(tokens, (-1, tokens.shape[-1]))[:count]
     log_probs = tf.reshape(log_probs, (-1,))[:count]
-    return {'captions': detokenize(tokens, self.pieces), 'log_probs': log_probs}
+    outputs = {'captions': detokenize(tokens, self.pieces), 'log_probs': log_probs}
+    if self.grid is not None:
+      outputs['attention'] = tf.reshape(attention, (-1, tokens.shape[-1], *self.grid))[:count]
+    return outputs
 
 
 def export(trained: predict.Trained, output_dir: str, batch_size: int = 8) -> None:

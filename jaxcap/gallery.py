@@ -1,7 +1,9 @@
 """A gallery of an evaluation: one HTML page of images beside their captions and scores.
 
 The page stands alone: it opens from disk with no server and no network, since thumbnails are
-inlined as JPEG data URIs and its style and its one control (the order) are in the page.
+inlined as JPEG data URIs and its style and its controls are in the page. For a decoder that
+attends, each word of a caption carries its attention map (`jaxcap.attention_maps`): hovering
+or clicking the word draws that map over the image (`attention_overlay.js`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from collections.abc import Sequence
 import dataclasses
 import html
 import io
+import json
 import os
 
 import numpy as np
 from PIL import Image
 
+from jaxcap import attention_maps
 from jaxcap.data import shapes
 
 THUMBNAIL_SIDE = 160
@@ -30,6 +34,8 @@ class Entry:
   references: Sequence[str]
   cider_d: float
   scene_correct: bool | None = None  # Built-in data only: does the caption name the scene?
+  # Each word of the caption with its (H, W) attention map (a decoder that attends).
+  words: Sequence[tuple[str, np.ndarray]] = ()
 
 
 def thumbnail_jpeg(image: np.ndarray | bytes, side: int = THUMBNAIL_SIDE) -> bytes:
@@ -44,13 +50,16 @@ def thumbnail_jpeg(image: np.ndarray | bytes, side: int = THUMBNAIL_SIDE) -> byt
 
 def entries(generated: Mapping[int, str], cider_d: Mapping[int, float],
             references: Mapping[int, Sequence[str]], images: Mapping[int, np.ndarray | bytes],
-            scene_check: bool) -> list[Entry]:
+            scene_check: bool,
+            token_maps: Mapping[int, attention_maps.TokenMaps] | None = None) -> list[Entry]:
   """An entry per image of `images`; `scene_check` (built-in data) marks whether each caption
-  names its scene."""
+  names its scene; `token_maps` give its words their attention maps."""
+  token_maps = token_maps or {}
   return [Entry(image_id=i, thumbnail=thumbnail_jpeg(image), caption=generated[i],
                 references=tuple(references[i]), cider_d=cider_d[i],
                 scene_correct=shapes.scene_correct(generated[i], references[i])
-                if scene_check else None)
+                if scene_check else None,
+                words=attention_maps.word_maps(token_maps[i]) if i in token_maps else ())
           for i, image in sorted(images.items())]
 
 
@@ -63,6 +72,10 @@ figure img { display: block; width: 160px; image-rendering: pixelated; }
 .caption { font-weight: 600; margin: 0.4em 0; }
 .score { font-size: 0.9em; color: #555; }
 .right { color: #11772d; } .wrong { color: #b3261e; }
+.picture { position: relative; width: 160px; }
+.picture canvas { position: absolute; left: 0; top: 0; pointer-events: none; }
+.word { cursor: pointer; border-radius: 3px; }
+.word:hover, .word.shown { background: #ffe08a; }
 ol.references { font-size: 0.85em; color: #555; padding-left: 1.4em; margin: 0.3em 0; }
 """
 
@@ -87,6 +100,22 @@ def _metrics_table(metrics: Mapping[str, float]) -> str:
   return f'<table class="metrics"><tr>{head}</tr><tr>{cells}</tr></table>'
 
 
+OVERLAY_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'attention_overlay.js')
+
+
+def _caption_html(entry: Entry) -> str:
+  """The caption as text, or as words that show their attention maps."""
+  if not entry.words:
+    return html.escape(entry.caption)
+  spans = []
+  for word, weights in entry.words:
+    rows = json.dumps(np.round(np.asarray(weights, float), 5).tolist())
+    spans.append(f'<span class="word" data-map="{html.escape(rows)}" '
+                 'onmouseenter="showMap(this)" onmouseleave="hideMap(this)" '
+                 f'onclick="pinMap(this)">{html.escape(word)}</span>')
+  return ' '.join(spans)
+
+
 def _figure(entry: Entry) -> str:
   image = base64.b64encode(entry.thumbnail).decode('ascii')
   references = ''.join(f'<li>{html.escape(r)}</li>' for r in entry.references)
@@ -94,12 +123,20 @@ def _figure(entry: Entry) -> str:
   if entry.scene_correct is not None:
     scene = (' &middot; <span class="right">scene right</span>' if entry.scene_correct
              else ' &middot; <span class="wrong">scene wrong</span>')
-  return (f'<figure data-id="{entry.image_id}" data-cider="{entry.cider_d:.6f}">'
-          f'<img src="data:image/jpeg;base64,{image}" alt="image {entry.image_id}">'
-          f'<figcaption><div class="caption">{html.escape(entry.caption)}</div>'
+  return (f'<figure class="attended" data-id="{entry.image_id}" '
+          f'data-cider="{entry.cider_d:.6f}">'
+          f'<div class="picture"><img src="data:image/jpeg;base64,{image}" '
+          f'alt="image {entry.image_id}"><canvas></canvas></div>'
+          f'<figcaption><div class="caption">{_caption_html(entry)}</div>'
           f'<div class="score">image {entry.image_id} &middot; CIDEr-D '
           f'<span class="cider">{entry.cider_d:.3f}</span>{scene}</div>'
           f'references:<ol class="references">{references}</ol></figcaption></figure>')
+
+
+def overlay_script() -> str:
+  """The page code that draws a word's attention map over its image (gallery, caption page)."""
+  with open(OVERLAY_SCRIPT, encoding='utf-8') as f:
+    return f.read()
 
 
 def render(title: str, metrics: Mapping[str, float], entries: Sequence[Entry],
@@ -111,7 +148,7 @@ def render(title: str, metrics: Mapping[str, float], entries: Sequence[Entry],
   return (
       '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
       f'<title>{html.escape(title)}</title><style>{_STYLE}</style>'
-      f'<script>{_SCRIPT}</script></head><body>'
+      f'<script>{_SCRIPT}{overlay_script()}</script></head><body>'
       f'<h1>{html.escape(title)}</h1>'
       f'<p>Metrics over all {num_images} images; showing {shown}. CIDEr-D per image is '
       'pycocoevalcap\'s, whose mean over the split is the CIDEr above.</p>'

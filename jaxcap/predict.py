@@ -34,10 +34,15 @@ class Trained:
 
   @property
   def attention_grid(self) -> tuple[int, int] | None:
-    """(H, W) of the grid the decoder attends over, or None for one that does not attend."""
-    if not captioner.DECODERS[self.config.model.decoder]:
-      return None
-    return tuple(state_lib.features_shape(self.config, self.state)[:2])
+    return attention_grid(self.config, self.state)
+
+
+def attention_grid(config: ml_collections.ConfigDict,
+                   state: state_lib.TrainState) -> tuple[int, int] | None:
+  """(H, W) of the grid the decoder attends over, or None for one that does not attend."""
+  if not captioner.DECODERS[config.model.decoder]:
+    return None
+  return tuple(state_lib.features_shape(config, state)[:2])
 
 
 def init_from_state(config: ml_collections.ConfigDict,

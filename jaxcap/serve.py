@@ -7,7 +7,8 @@ model is compiled for a few batch sizes at start-up, not on a first request.
 
   GET  /             the page: choose or drop an image, see its captions
   POST /api/caption  body: the image's bytes (Content-Type image/* or
-                     application/octet-stream) -> JSON {greedy, beam, step, seconds, batch_size}
+                     application/octet-stream) -> JSON {greedy, beam, step, seconds, batch_size};
+                     a decoder that attends adds greedy.words: [{word, attention (H x W)}]
 Bad input gets a 4xx JSON {"error": ...} naming the problem; the server keeps serving.
 """
 
@@ -27,7 +28,9 @@ import jax
 import numpy as np
 from PIL import Image
 
+from jaxcap import attention_maps
 from jaxcap import caption
+from jaxcap import gallery
 from jaxcap import parallel
 from jaxcap import predict
 
@@ -57,6 +60,7 @@ class CaptionService:
   def __init__(self, trained: predict.Trained, max_batch: int, beam_size: int):
     self.tokenizer, self.image_size = trained.tokenizer, trained.config.data.image_size
     self.step, self.beam_size = int(trained.state.step), beam_size
+    self.grid = trained.attention_grid
     self.sizes = predict.batch_sizes(max_batch)
     self._predictor = predict.Predictor(
         trained.config, parallel.make_mesh(jax.local_devices()[:1]), self.sizes,
@@ -69,10 +73,18 @@ class CaptionService:
     n, k = len(images), self.beam_size
     greedy_texts = self.tokenizer.decode(outputs['ids'])
     beam_texts = self.tokenizer.decode(outputs['beam_ids'].reshape(n * k, -1))
-    return [{'greedy': {'caption': greedy_texts[i], 'log_prob': float(outputs['log_probs'][i])},
-             'beam': [{'caption': beam_texts[i * k + j],
-                       'log_prob': float(outputs['beam_log_probs'][i, j])} for j in range(k)]}
-            for i in range(n)]
+    results = [{'greedy': {'caption': greedy_texts[i],
+                           'log_prob': float(outputs['log_probs'][i])},
+                'beam': [{'caption': beam_texts[i * k + j],
+                          'log_prob': float(outputs['beam_log_probs'][i, j])} for j in range(k)]}
+               for i in range(n)]
+    if self.grid is not None:
+      for i, result in enumerate(results):
+        maps = attention_maps.token_maps(self.tokenizer, outputs['ids'][i],
+                                         outputs['attention'][i], self.grid)
+        result['greedy']['words'] = [{'word': word, 'attention': weights.tolist()}
+                                     for word, weights in attention_maps.word_maps(maps)]
+    return results
 
 
 def check_image(data: bytes, content_type: str, limits: Limits) -> None:
@@ -139,7 +151,7 @@ def make_app(service: CaptionService, limits: Limits = Limits()) -> web.Applicat
   """The aiohttp application: the page, the API, and the batcher running with it."""
   batcher = Batcher(service)
   with open(_PAGE, encoding='utf-8') as f:
-    page = f.read()
+    page = f.read().replace('/* attention_overlay.js */', gallery.overlay_script())
 
   async def index(request: web.Request) -> web.Response:
     del request

@@ -39,7 +39,7 @@ EVAL = 'eval'
 # they were made), the optimizer state's structure or what the tokens mean. Others (steps,
 # intervals, learning rate, compute dtype, unrolling, dropout, ...) may change.
 RESUME_LOCKED_FIELDS = frozenset({
-    'trainer', 'model.decoder', 'model.attention_size', 'model.encoder',
+    'trainer', 'model.decoder', 'model.attention_size', 'model.grid_coordinates', 'model.encoder',
     'model.encoder_weights', 'model.train_encoder',
     'model.small_cnn.features', 'model.small_cnn.pool_before_norm',
     'model.small_cnn.strided_first_conv', 'model.image_bottleneck', 'model.embed_dim',

@@ -47,7 +47,8 @@ def main(argv):
     raise SystemExit(str(error)) from None
   metrics = done.metrics
   summary = ' '.join(f'{k}={metrics[k]:.3f}' for k in
-                     ('bleu_1', 'bleu_4', 'meteor', 'rouge_l', 'cider', 'scene_accuracy')
+                     ('bleu_1', 'bleu_4', 'meteor', 'rouge_l', 'cider', 'scene_accuracy',
+                      'relation_accuracy')
                      if k in metrics)
   print(f'{FLAGS.split} step {done.step} {done.method}: {summary} | {metrics["num_images"]} '
         f'images, {metrics["captions_per_sec"]:.0f} captions/s | {done.stem}.json' +

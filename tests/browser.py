@@ -68,3 +68,19 @@ def headless_chromium(width: int = 1100, height: int = 900):
                    f'--window-size={width},{height}'):
     options.add_argument(argument)
   return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def overlay_alpha(driver, container, grid: tuple[int, int]):
+  """The opacity (0-255) of the attention overlay (the canvas in `container`) at the centre of
+  each cell of a `grid` (rows, columns) laid over it."""
+  import numpy as np
+  return np.array(driver.execute_script('''
+      const [canvas, rows, cols] = arguments;
+      const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+      const out = [];
+      for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) {
+        const y = Math.floor((i + 0.5) * canvas.height / rows);
+        const x = Math.floor((j + 0.5) * canvas.width / cols);
+        out.push(data[(y * canvas.width + x) * 4 + 3]);
+      }
+      return out;''', container.find_element('css selector', 'canvas'), *grid)).reshape(grid)

@@ -33,6 +33,8 @@ for model_dir, paths in json.loads(sys.argv[1]).items():
   out = serve(images=tf.constant([open(p, 'rb').read() for p in paths]))
   results[model_dir] = {'captions': [c.decode() for c in out['captions'].numpy()],
                         'log_probs': out['log_probs'].numpy().tolist()}
+  if 'attention' in out:
+    results[model_dir]['attention'] = out['attention'].numpy().tolist()
 assert not any(m.split('.')[0] in ('jax', 'jaxlib') for m in sys.modules)
 print(json.dumps(results))
 '''
@@ -98,6 +100,26 @@ def test_saved_model_captions_as_caption_py_without_jax(trained_workdir, tmp_pat
     assert np.diff(
         np.sort(log_probs)).min() > 2 * _LOG_PROB_RTOL * np.abs(log_probs).max(), log_probs
     assert (log_probs < 0).all()
+
+
+@pytest.mark.slow
+def test_saved_model_of_an_updown_run_returns_caption_py_s_attention(updown_workdir, tmp_path):
+  paths = _images(tmp_path / 'images')[:3]
+  output = str(tmp_path / 'updown')
+  result = _run('scripts/export.py', '--workdir', updown_workdir, '--output', output, '--greedy')
+  assert result.returncode == 0, result.stderr[-3000:]
+  served = _run('-c', _SERVE_WITHOUT_JAX, json.dumps({output: paths}))
+  assert served.returncode == 0, served.stderr[-3000:]
+  served = json.loads(served.stdout.strip().splitlines()[-1])[output]
+  result = _run('scripts/caption.py', '--workdir', updown_workdir, '--json', *paths)
+  assert result.returncode == 0, result.stderr[-3000:]
+  expected = json.loads(result.stdout)
+  assert served['captions'] == [e['caption'] for e in expected]
+  for attention, e in zip(served['attention'], expected):
+    attention = np.asarray(attention)  # (max_len - 1, H, W), zero after EOS.
+    assert attention.shape[1:] == tuple(e['grid'])
+    np.testing.assert_allclose(attention[:len(e['tokens'])], e['attention'], atol=1e-5)
+    assert not attention[len(e['tokens']):].any()
 
 
 def test_export_of_a_folder_that_is_not_a_workdir(tmp_path):

@@ -46,14 +46,25 @@ def _table(prepared, config, split):
                                          prepared.tokenizer, config.data.max_len)
 
 
-def test_cache_equals_streaming_resumes_and_rebuilds_when_stale(config, tmp_path, caplog):
+@pytest.mark.parametrize('decoder,storage_dtype', [('show_tell', 'float32'),
+                                                   ('updown', 'bfloat16')])
+def test_cache_equals_streaming_resumes_and_rebuilds_when_stale(config, tmp_path, caplog, decoder,
+                                                                storage_dtype):
+  """Pooled embeddings exactly, or the updown decoder's grids in bfloat16 (rounded once)."""
   config = _features_config(config)
+  config.model.decoder, config.features.storage_dtype = decoder, storage_dtype
   workdir = str(tmp_path)
   cached = feature_cache.extract_splits(config, workdir, ['val'])['val']
   streamed = _streamed_embeddings(config, workdir, 'val')
   assert sorted(cached.image_ids.tolist()) == sorted(streamed) and len(streamed) == 12
+  assert cached.embedding.dtype == np.dtype(storage_dtype)
+  assert cached.embedding.shape[1:] == ((16,) if decoder == 'show_tell' else (16, 16, 16))
   for image_id, embedding in zip(cached.image_ids.tolist(), cached.embedding):
-    np.testing.assert_allclose(embedding, streamed[image_id], rtol=1e-5, atol=1e-6)
+    expected = streamed[image_id].astype(storage_dtype)
+    if storage_dtype == 'bfloat16':
+      np.testing.assert_array_equal(embedding, expected)
+    else:
+      np.testing.assert_allclose(embedding, expected, rtol=1e-5, atol=1e-6)
 
   # Interrupted after its first part: only the missing part is encoded again.
   directory = tmp_path / 'features' / 'val'
@@ -72,11 +83,14 @@ def test_cache_equals_streaming_resumes_and_rebuilds_when_stale(config, tmp_path
     rebuilt = feature_cache.extract_splits(config, workdir, ['val'])['val']
   assert 'stale (image_size changed)' in caplog.text
   assert json.loads((directory / 'fingerprint.json').read_text())['image_size'] == 24
-  assert not np.allclose(rebuilt.embedding, cached.embedding)
+  assert rebuilt.embedding.shape != cached.embedding.shape or not np.allclose(
+      rebuilt.embedding.astype(np.float32), cached.embedding.astype(np.float32))
 
 
-def test_training_on_cached_features_resumes_and_restores(config, tmp_path):
+@pytest.mark.parametrize('decoder', ['show_tell', 'updown'])
+def test_training_on_cached_features_resumes_and_restores(config, tmp_path, decoder):
   config = _features_config(config)
+  config.model.decoder = decoder
   config.trainer = 'features'
   config.resident.steps_per_call = 2
   config.num_train_steps, config.log_every_steps, config.checkpoint_every_steps = 6, 2, 2

@@ -4,6 +4,7 @@
 import base64
 import html.parser
 import io
+import json
 import os
 import pathlib
 import re
@@ -14,8 +15,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from jaxcap import attention_maps
 from jaxcap import evaluate
 from jaxcap import gallery
+from jaxcap import predict
 from tests import browser
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -124,5 +127,59 @@ def test_evaluate_gallery_opens_from_disk_and_orders_worst_first(trained_workdir
     assert shown() == [(2, 0.5), (4, 0.5), (5, 1.0), (1, 2.0), (3, 3.0)]
     captions = [f.text for f in driver.find_elements(By.CSS_SELECTOR, '#entries figure .caption')]
     assert [c.split('\n')[0] for c in captions] == [f'caption {i}' for i in (2, 4, 5, 1, 3)]
+  finally:
+    driver.quit()
+
+
+@pytest.mark.slow
+def test_hovering_a_word_draws_its_attention_map_over_the_image(updown_workdir, tmp_path):
+  from selenium.webdriver.common.action_chains import ActionChains
+  from selenium.webdriver.common.by import By
+
+  # evaluate.py's gallery of the Up-Down run: every word carries its map over the 16 x 16 grid.
+  trained = predict.restore(updown_workdir)
+  evaluation = evaluate.evaluate_workdir(trained, updown_workdir, 'val', gallery_images=3)
+  parser = _Page()
+  page = pathlib.Path(evaluation.stem + '.html').read_text()
+  parser.feed(page)
+  assert len(parser.figures) == 3 and page.count('class="word"') >= 3
+  # A page with known maps: where each weight is drawn.
+  rng = np.random.default_rng(2)
+  maps = {'red': rng.random((4, 5)), 'circle': rng.random((4, 5))}
+  token_maps = attention_maps.TokenMaps(['▁red', '▁cir', 'cle', attention_maps.END],
+                                        np.stack([maps['red'], maps['circle'] * 0.5,
+                                                  maps['circle'] * 1.5, np.ones((4, 5))]))
+  known = tmp_path / 'known.html'
+  known.write_text(gallery.render('val', {'cider': 1.0, 'num_images': 1}, gallery.entries(
+      {7: 'red circle'}, {7: 1.0}, {7: ['a red circle']},
+      {7: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)}, scene_check=False,
+      token_maps={7: token_maps}), num_images=1))
+  expected = {w: np.round(255 * 0.75 * (1 - m / m.max())) for w, m in maps.items()}
+
+  driver = browser.headless_chromium()
+  try:
+    driver.get(pathlib.Path(evaluation.stem + '.html').as_uri())
+    figure = driver.find_element(By.CSS_SELECTOR, '#entries figure')
+    word = figure.find_element(By.CSS_SELECTOR, '.word')
+    ActionChains(driver).move_to_element(word).perform()
+    drawn = browser.overlay_alpha(driver, figure, (16, 16))
+    weights = np.array(json.loads(word.get_attribute('data-map')))
+    np.testing.assert_allclose(drawn, np.round(255 * 0.75 * (1 - weights / weights.max())),
+                               atol=2)
+
+    driver.get(known.as_uri())
+    figure = driver.find_element(By.CSS_SELECTOR, '#entries figure')
+    words = {w.text: w for w in figure.find_elements(By.CSS_SELECTOR, '.word')}
+    assert list(words) == ['red', 'circle']
+    # Nothing is drawn before a hover.
+    assert not browser.overlay_alpha(driver, figure, (4, 5)).any()
+    ActionChains(driver).move_to_element(words['circle']).perform()
+    np.testing.assert_allclose(browser.overlay_alpha(driver, figure, (4, 5)), expected['circle'],
+                               atol=2)
+    words['red'].click()  # Pinned: it stays after the pointer leaves for another word.
+    ActionChains(driver).move_to_element(words['circle']).perform()
+    ActionChains(driver).move_to_element(driver.find_element(By.TAG_NAME, 'h1')).perform()
+    np.testing.assert_allclose(browser.overlay_alpha(driver, figure, (4, 5)), expected['red'],
+                               atol=2)
   finally:
     driver.quit()

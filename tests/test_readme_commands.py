@@ -391,6 +391,11 @@ def _check_caption(p: Plan, result, checkout: Checkout) -> None:
     assert [e['path'] for e in entries] == paths and all(
         isinstance(e['caption'], str) for e in entries)
     assert all(e['log_prob'] < 0 for e in entries), entries
+    for e in entries:  # A decoder that attends: an H x W map per generated token.
+      if 'attention' in e:
+        maps = np.asarray(e['attention'])
+        assert maps.shape == (len(e['tokens']), *e['grid']), (maps.shape, e['grid'])
+        np.testing.assert_allclose(maps.sum((1, 2)), 1.0, atol=1e-4)
     return
   lines = result.stdout.strip().split('\n')
   images = ('gray_128px.jpg', 'scene0.png', 'scene1.png', 'scene2.png')  # my_images/, by name.

@@ -207,3 +207,70 @@ def test_benchmark_serve_reports_each_client_count(server, tmp_path):
     assert run['captions_per_sec'] > 0 and 1 <= run['mean_batch_size'] <= run['clients']
     assert 0 < run['latency_ms']['p50'] <= run['latency_ms']['p90'] <= run['latency_ms']['p99']
   assert process.poll() is None
+
+
+def test_the_page_shows_where_an_updown_model_looked_for_each_word(updown_workdir, tmp_path):
+  """The API's greedy words carry caption.py's attention maps; hovering a word on the page draws
+  that word's map over the chosen image. An in-process server (one batch size) on the Up-Down
+  workdir."""
+  import asyncio
+
+  from aiohttp import web
+  from selenium.webdriver.common.action_chains import ActionChains
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import WebDriverWait
+
+  from jaxcap import attention_maps
+  from jaxcap import caption
+  from jaxcap import serve
+
+  trained = predict.restore(updown_workdir)
+  path = _images(tmp_path / 'images', 1)[0]
+  (_, expected), = caption.caption_paths(trained, [str(path)])
+  expected_words = attention_maps.word_maps(attention_maps.TokenMaps(
+      expected['tokens'], np.asarray(expected['attention'])))
+  service = serve.CaptionService(trained, max_batch=1, beam_size=2)
+  loop, port = asyncio.new_event_loop(), _free_port()
+  runner = web.AppRunner(serve.make_app(service))
+
+  def run():
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, '127.0.0.1', port).start())
+    loop.run_forever()
+  threading.Thread(target=run, daemon=True).start()
+  url = f'http://127.0.0.1:{port}'
+  try:
+    deadline = time.monotonic() + 60
+    while True:
+      try:
+        status, answer = _post(url, path.read_bytes(), 'image/jpeg')
+        break
+      except urllib.error.URLError:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert status == 200 and answer['greedy']['caption'] == expected['caption']
+    words = answer['greedy']['words']
+    assert [w['word'] for w in words] == [w for w, _ in expected_words]
+    for word, (_, weights) in zip(words, expected_words):
+      np.testing.assert_allclose(word['attention'], weights, atol=1e-5)
+
+    driver = browser.headless_chromium()
+    try:
+      driver.get(url + '/')
+      driver.find_element(By.ID, 'file').send_keys(str(path))
+      WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, 'result').is_displayed())
+      box = driver.find_element(By.CSS_SELECTOR, '.attended')
+      spans = box.find_elements(By.CSS_SELECTOR, '#greedy .word')
+      assert [s.text for s in spans] == [w['word'] for w in words]
+      last = len(words) - 1
+      ActionChains(driver).move_to_element(spans[last]).perform()
+      weights = np.asarray(words[last]['attention'])
+      np.testing.assert_allclose(browser.overlay_alpha(driver, box, weights.shape),
+                                 np.round(255 * 0.75 * (1 - weights / weights.max())),
+                                 atol=2)
+    finally:
+      driver.quit()
+  finally:
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)
