@@ -92,7 +92,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 # jaxlib 0.10.2 hands the CPU's convolutions to YNNPACK by default, which ran InceptionV3's at
 # half the speed of XLA's own (Eigen) convolution and the demo's train step 1.6x slower on an
-# AVX-512 Xeon (docs/benchmarks.md, "Issue 15 on a Xeon"). Fusing only matrix products into
+# AVX-512 Xeon (docs/benchmarks.md, "CPU compiler options"). Fusing only matrix products into
 # YNNPACK leaves convolutions to XLA and keeps YNNPACK's products, which are the faster ones, and
 # its reductions (batch norm's statistics in training: +31% on InceptionV3's fine-tuning step).
 _CPU_COMPILER_OPTIONS = {
