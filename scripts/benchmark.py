@@ -16,15 +16,16 @@ inputs when it is installed) and `scst` (self-critical steps on synthetic cached
 a checkpoint adds to a loop of train steps: saved as training saves, asynchronously, and saved
 then waited for, against the same loop without saves). Synthetic captions follow
 COCO's lengths (words ~ N(10.5, 2.5), clipped, plus BOS and EOS, padded to max_len). Timing waits
-for the device and excludes compilation; FLOPs come from XLA's cost analysis of the lowered
-function (train steps with their scans unrolled; decode counts its token loop once), and the
-peak from a large matrix product timed in the same run.
+for the device and excludes compilation. FLOPs are the matrix products' and convolutions' of
+the traced program (`jaxcap.flops`: loops per iteration, the same count on every backend), and
+the peak is a large matrix product's, timed in the same run.
 """
 
 from collections.abc import Callable
 import functools
 import itertools
 import json
+import os
 import pathlib
 import tempfile
 import time
@@ -39,6 +40,7 @@ import numpy as np
 
 from jaxcap import checkpoint
 from jaxcap import command_line
+from jaxcap import flops
 from jaxcap import host_memory
 from jaxcap import parallel
 from jaxcap import predict
@@ -75,7 +77,12 @@ flags.DEFINE_integer('num_batches', 32,
 flags.DEFINE_integer('peak_matmul_size', 2048,
                      'Side of the square matrix product timed for the peak.')
 flags.DEFINE_string('workdir', None,
-                    'pipeline mode: where the tokenizer is kept (default: a temporary folder).')
+                    'pipeline mode: where the tokenizer (and a --coco_like folder) is kept '
+                    '(default: a temporary folder).')
+flags.DEFINE_integer('coco_like', 0,
+                     'pipeline mode: train images of a COCO-like folder (640 x 480 JPEGs at '
+                     'quality 90, COCO-format JSON; jaxcap/data/coco_like.py) written to '
+                     '--workdir and read as config.data.coco_dir (0: the config\'s dataset).')
 flags.DEFINE_integer('checkpoint_every', 4, 'checkpoint mode: train steps between checkpoints.')
 flags.DEFINE_integer('checkpoint_rounds', 2, 'checkpoint mode: interleaved rounds of the three '
                      'loops; the faster of each loop is kept.')
@@ -120,16 +127,6 @@ def time_calls(calls, steps: int, warmup: int) -> float:
   return (time.perf_counter() - start) / steps
 
 
-def flops_of(fn, args) -> float:
-  """FLOPs of one call from XLA's cost analysis of the program lowered for a GPU, whatever the
-  device, so that a step counts the same on every machine. Lowered, not compiled: compiled GPU
-  convolutions are library calls the analysis cannot see."""
-  analysis = fn.trace(*args).lower(lowering_platforms=('cuda',)).cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get('flops', 0.0))
-
-
 def peak_tflops(dtype, size: int) -> float:
   """TFLOP/s of a size^3 matrix product in `dtype`: the machine's practical peak."""
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
@@ -152,15 +149,6 @@ def _stateful(step_fn, state):
 def trainer_calls(trainer) -> list[Callable[[], Any]]:
   """One call: a trainer's `steps_per_call` steps, its state kept (donated each time)."""
   return [functools.partial(_stateful(trainer.run, trainer.state), trainer.steps_per_call)]
-
-
-def unrolled_step_flops(config, vocab_size: int, step_fn, state, batch) -> float:
-  """FLOPs of a train step: XLA's cost analysis counts a loop body once, so the count is taken
-  from the same step with the decoder's two scans (LSTM, chunked loss) unrolled."""
-  unrolled = config.copy_and_resolve_references()
-  unrolled.model.lstm_unroll = unrolled.model.loss_chunk_steps = config.data.max_len
-  model = captioner.create_model(unrolled.model, vocab_size)
-  return flops_of(jax.jit(step_fn), (state.replace(apply_fn=model.apply), batch))
 
 
 def features_shape(config) -> tuple[int, ...]:
@@ -189,15 +177,16 @@ def decoder_workload(config, mesh, batch_size: int, vocab_size: int,
       {'embedding': embedding[rows], 'tokens': tokens[rows]}, buckets), mesh) for rows in grouped]
   # One count per batch shape (bucket length), weighted by how many batches have it.
   batch_of_length = {batch['tokens'].shape[1]: batch for batch in batches}
-  flops_of_length = {length: unrolled_step_flops(config, vocab_size, decoder_step, state, batch)
+  flops_of_length = {length: flops.count_flops(decoder_step, state, batch)
                      for length, batch in batch_of_length.items()}
-  flops = np.mean([flops_of_length[batch['tokens'].shape[1]] for batch in batches])
+  step_flops = np.mean([flops_of_length[batch['tokens'].shape[1]] for batch in batches])
   tokens_per_step = float((tokens[:, 1:] != PAD_ID).sum()) / num_batches
   if not resident_steps:
     run = _stateful(parallel.jit_data_parallel(decoder_step, mesh, donate_state=True), state)
-    return Workload([functools.partial(run, batch) for batch in batches], 1, flops, tokens_per_step)
+    return Workload([functools.partial(run, batch) for batch in batches], 1, step_flops,
+                    tokens_per_step)
   trainer = features.make(state, embedding, tokens, np.arange(len(tokens)), config, mesh)
-  return Workload(trainer_calls(trainer), trainer.steps_per_call, flops, tokens_per_step)
+  return Workload(trainer_calls(trainer), trainer.steps_per_call, step_flops, tokens_per_step)
 
 
 def synthetic_image_batch(config, mesh, tokens: np.ndarray) -> dict[str, jax.Array]:
@@ -215,9 +204,10 @@ def image_workload(config, mesh, mode: str, batch_size: int, vocab_size: int) ->
   batch = synthetic_image_batch(config, mesh, tokens)
   if mode == 'train':
     train_step = functools.partial(train_step_lib.train_step, dropout_key=_DROPOUT_KEY)
-    flops = unrolled_step_flops(config, vocab_size, train_step, state, batch)
+    step_flops = flops.count_flops(train_step, state, batch)
     trainer = images.make(state, itertools.repeat(batch), config, mesh)
-    return Workload(trainer_calls(trainer), 1, flops, float((tokens[:, 1:] != PAD_ID).sum()))
+    return Workload(trainer_calls(trainer), 1, step_flops,
+                    float((tokens[:, 1:] != PAD_ID).sum()))
   if mode == 'encoder':
     fn = parallel.jit_data_parallel(
         lambda s, images: s.apply_fn(s.variables, images, method='encode'), mesh)
@@ -226,7 +216,7 @@ def image_workload(config, mesh, mode: str, batch_size: int, vocab_size: int) ->
     fn = parallel.jit_data_parallel(lambda s, images: captions(s.apply_fn, s.variables, images),
                                     mesh)
   return Workload([functools.partial(fn, state, batch['image'])], 1,
-                  flops_of(fn, (state, batch['image'])))
+                  flops.count_flops(fn, state, batch['image']))
 
 
 _REFERENCES_PER_IMAGE = 5
@@ -253,7 +243,7 @@ def cider_workload(config, batch_size: int, vocab_size: int) -> tuple[Workload, 
   tables, device_candidates = jax.device_put(scorer.tables), jax.device_put(candidates)
   score = jax.jit(rewards.scores)
   workload = Workload([functools.partial(score, tables, gathered, device_candidates)], 1,
-                      flops_of(score, (tables, gathered, device_candidates)))
+                      flops.count_flops(score, tables, gathered, device_candidates))
   extra = {'references_per_image': _REFERENCES_PER_IMAGE}
   try:
     from pycocoevalcap.cider import cider_scorer
@@ -288,7 +278,7 @@ def scst_workload(config, mesh, batch_size: int,
   tables = jax.device_put(scorer.tables, parallel.replicated(mesh))
   # FLOPs of one step, on the data the trainer trains on.
   one_step = resident.jit_steps(scst.config_step(config, batch_size // mesh.size))(1)
-  flops = flops_of(one_step, (state, data, tables, resident.seed_key(config, mesh)))
+  step_flops = flops.count_flops(one_step, state, data, tables, resident.seed_key(config, mesh))
   trainer = scst.make(state, data, tables, config, mesh)
 
   # The reward alone: samples (B * S) and greedy captions (B) of the step's lengths.
@@ -301,7 +291,7 @@ def scst_workload(config, mesh, batch_size: int,
   score = jax.jit(rewards.scores)
   reward_seconds = time_calls([functools.partial(score, tables, gathered, candidates)],
                               max(FLAGS.steps, 3), FLAGS.warmup)
-  return (Workload(trainer_calls(trainer), trainer.steps_per_call, flops),
+  return (Workload(trainer_calls(trainer), trainer.steps_per_call, step_flops),
           {'reward_seconds_per_step': reward_seconds, 'num_samples': config.scst.num_samples,
            'baseline': config.scst.baseline, 'steps_per_call': trainer.steps_per_call})
 
@@ -361,13 +351,21 @@ def checkpoint_stall(config, mesh, batch_size: int, vocab_size: int) -> dict[str
   }
 
 
-def pipeline_workload(config, batch_size: int) -> Workload:
+def pipeline_workload(config, batch_size: int) -> tuple[Workload, dict[str, Any]]:
   """The training input pipeline alone (TensorFlow is imported here only): the dataset is
   built or found as training would, the tokenizer kept in --workdir."""
   from jaxcap.data import prepare
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='jaxcap_benchmark_')
+  extra = {'cpu_cores': len(os.sched_getaffinity(0)), 'image_size': config.data.image_size,
+           'augment': config.data.augment, 'cache_images': config.data.cache_images}
+  if FLAGS.coco_like:
+    from jaxcap.data import coco_like
+    folder = os.path.join(workdir, 'coco_like')
+    extra.update(coco_like.write_coco_like_folder(folder, FLAGS.coco_like))
+    config.data.name, config.data.coco_dir = 'coco_captions', folder
+    config.data.data_dir = os.path.join(workdir, 'tfds')
   batches = prepare.train_batches(prepare.prepare(config, workdir), config, batch_size)
-  return Workload([lambda: next(batches)], 1, 0.0)
+  return Workload([lambda: next(batches)], 1, 0.0), extra
 
 
 def main(argv):
@@ -389,7 +387,7 @@ def main(argv):
     _report(results)
     return
   if mode == 'pipeline':
-    workload = pipeline_workload(config, batch_size)
+    workload, extra = pipeline_workload(config, batch_size)
   elif mode == 'cider':
     workload, extra = cider_workload(config, batch_size, FLAGS.vocab_size)
   else:
@@ -431,6 +429,8 @@ def main(argv):
     results['scores_per_sec'] = results['examples_per_sec']
     if 'host_scores_per_sec' in extra:
       results['speedup_over_host'] = results['scores_per_sec'] / extra['host_scores_per_sec']
+  if mode == 'pipeline':
+    results['images_per_sec_per_core'] = results['examples_per_sec'] / extra['cpu_cores']
   if mode == 'scst':
     results['captions_per_sec'] = results['examples_per_sec'] * config.scst.num_samples
     results['reward_share'] = extra['reward_seconds_per_step'] * results['steps_per_sec']

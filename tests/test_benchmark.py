@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+from PIL import Image
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -66,3 +67,27 @@ def test_pipeline_mode_times_the_input(tmp_path, data_dir):
   assert result.returncode == 0, result.stderr[-2000:]
   results = json.loads(output.read_text())
   assert results['mode'] == 'pipeline' and results['examples_per_sec'] > 0
+
+
+@pytest.mark.slow
+def test_pipeline_mode_on_a_coco_like_folder(tmp_path):
+  """COCO's main config streams a generated COCO-like folder: 640 x 480 JPEGs of about COCO's
+  file size, read through the COCO-format builder and the streaming path."""
+  output = tmp_path / 'result.json'
+  result = subprocess.run([
+      sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--config',
+      str(ROOT / 'configs' / 'coco.py'), '--mode', 'pipeline', '--coco_like', '12',
+      '--batch_size', '4', '--steps', '3', '--warmup', '1', '--workdir', str(tmp_path),
+      '--config.data.vocab_size=64', '--json', str(output)
+  ], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  results = json.loads(output.read_text())
+  assert results['images'] == 12 + 8 and 100e3 < results['mean_jpeg_bytes'] < 220e3
+  assert results['image_size'] == 299 and not results['cache_images']
+  assert results['images_per_sec_per_core'] == pytest.approx(
+      results['examples_per_sec'] / results['cpu_cores'])
+  train = json.loads((tmp_path / 'coco_like' / 'annotations' / 'captions_train2014.json')
+                     .read_text())
+  assert len(train['images']) == 12 and len(train['annotations']) == 5 * 12
+  with Image.open(tmp_path / 'coco_like' / 'train2014' / train['images'][0]['file_name']) as image:
+    assert image.format == 'JPEG' and image.size == (640, 480)

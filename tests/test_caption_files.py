@@ -337,3 +337,32 @@ def test_trains_and_evaluates_on_folders(tmp_path, source):
   expected = 3 if source == 'flickr8k folder' else 4
   assert results['val']['num_images'] == results['test']['num_images'] == expected
   assert np.isfinite(results['test']['loss']) and 'cider' in results['test']
+
+
+def test_stored_image_size_stores_the_shorter_side_at_that_size(tmp_path):
+  """Each image downscaled once at build time (aspect kept), in its own prepared copy; against
+  PIL's bilinear resize of the file, up to JPEG's rounding."""
+  from PIL import Image
+  root = caption_folders.make_coco_format_dir(str(tmp_path / 'mine'), {'photos': 10})
+  config = _coco_config(tmp_path, root, train_annotations='annotations/captions_photos.json',
+                        train_images='photos', val_annotations=None)
+  full = sources.get_builder(config.data)
+  config.data.stored_image_size = 20  # The files are 40 x 48 (width x height).
+  stored = sources.get_builder(config.data)
+  assert stored.info.full_name != full.info.full_name
+  for example in stored.as_dataset('train').take(3).as_numpy_iterator():
+    with Image.open(os.path.join(root, 'photos', example['image/filename'].decode())) as image:
+      expected = np.asarray(image.convert('RGB').resize((20, 24), Image.BILINEAR), np.float32)
+    assert example['image'].shape == (24, 20, 3)
+    assert np.abs(example['image'] - expected).mean() < 6  # JPEG of a noisy image: about 3.5.
+  # No larger than the size: stored as they are.
+  config.data.stored_image_size = 64
+  example = next(sources.get_builder(config.data).as_dataset('train').as_numpy_iterator())
+  assert example['image'].shape == (48, 40, 3)
+  config.data.stored_image_size = 0
+  with pytest.raises(caption_files.DataError, match='stored_image_size=0: a size in pixels'):
+    sources.get_builder(config.data)
+  config.data.name, config.data.coco_dir = 'shapes_captions', None
+  config.data.stored_image_size = 20
+  with pytest.raises(caption_files.DataError, match="applies to datasets built from files"):
+    sources.get_builder(config.data)

@@ -21,6 +21,8 @@ in for, and the output says so:
 - The install steps of the quick start and the test command itself (quick-start command 2) are
   what `.ci/run` runs: the test checks that `.ci/run` runs quick-start command 2 verbatim, and
   that command 1 installs the same package without the test extra.
+- `benchmark.py --coco_like N` writes a COCO-like folder of 12 images instead of N (the
+  appended tiny sizes).
 - The peers in `../shared/peers` run when that folder exists (it is not part of this
   repository) and their framework is installed (torch is not a jaxcap dependency).
 - `scripts/benchmark_gpu.sh` runs two of its runs (ONLY=), the bfloat16 programs no other
@@ -86,7 +88,7 @@ _TINY_CONFIG = (
 _IMAGE_SIZE = {'inception_v3': 75}
 _TINY_BENCHMARK = ('--batch_size', '4', '--steps', '1', '--warmup', '1', '--vocab_size', '64',
                    '--num_batches', '2', '--peak_matmul_size', '128', '--embedding_dim', '32',
-                   '--checkpoint_every', '1', '--checkpoint_rounds', '1')
+                   '--checkpoint_every', '1', '--checkpoint_rounds', '1', '--coco_like', '12')
 _TINY_PEER = {'keras_show_tell.py': ('--batch_size', '4', '--vocab_size', '64', '--steps', '1',
                                      '--warmup', '1'),
               'torch_show_tell.py': ('--batch_size', '4', '--vocab_size', '64', '--steps', '1',

@@ -135,17 +135,43 @@ def _slug(text: str) -> str:
   return re.sub(r'[^a-z0-9]+', '_', text.lower()).strip('_') or 'captions'
 
 
+def stored_at_size(image: np.ndarray | bytes, size: int) -> np.ndarray | bytes:
+  """`read_image`'s image with its shorter side brought down to `size` pixels (antialiased) and
+  encoded as a JPEG of quality 90, as a prepared copy stores it for
+  `config.data.stored_image_size`; an image no larger passes unchanged."""
+  with (Image.open(io.BytesIO(image)) if isinstance(image, bytes) else
+        Image.fromarray(image)) as original:
+    width, height = original.size
+    if min(width, height) <= size:
+      return image
+    scale = size / min(width, height)
+    resized = original.convert('RGB').resize(
+        (max(size, round(width * scale)), max(size, round(height * scale))), Image.BILINEAR)
+  buffer = io.BytesIO()
+  resized.save(buffer, format='JPEG', quality=90)
+  return buffer.getvalue()
+
+
 class CaptionFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A tfds builder of `coco_captions` features from caption files and an image folder.
 
   Subclasses say which images each split holds (`_split_records`). The builder config is named
-  after the source (`label`, then a hash of `source`: its paths and fields), so each source gets
-  its own prepared copy; `description` names the source in messages.
+  after the source (`label`, then a hash of `source`: its paths and fields, and
+  `stored_image_size`), so each source gets its own prepared copy; `description` names the
+  source in messages. With `stored_image_size`, images are stored with their shorter side at
+  that size (`stored_at_size`), which makes each training read decode and resize fewer pixels.
   """
 
-  def __init__(self, *, label: str, description: str, source: dict[str, Any], **kwargs):
+  def __init__(self, *, label: str, description: str, source: dict[str, Any],
+               stored_image_size: int | None = None, **kwargs):
     self.description = description
     self.skips = Skips()
+    self.stored_image_size = stored_image_size
+    if stored_image_size is not None:
+      if stored_image_size < 1:
+        raise DataError(f'config.data.stored_image_size={stored_image_size}: a size in pixels '
+                        '(or None to store images as they are)')
+      source = {**source, 'stored_image_size': stored_image_size}
     digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
     config = tfds.core.BuilderConfig(name=f'{_slug(label)}_{digest}', description=description)
     super().__init__(config=config, **kwargs)
@@ -209,6 +235,8 @@ class CaptionFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       except (OSError, ValueError, Image.DecompressionBombError) as error:
         self.skips.add(record.path, f'unreadable image ({error})', split)
         continue
+      if self.stored_image_size:
+        image = stored_at_size(image, self.stored_image_size)
       yield record.image_id, {
           'image': image,
           'image/id': record.image_id,

@@ -76,12 +76,19 @@ def get_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
       raise DataError('config.data.karpathy_json and config.data.image_dir go together: the '
                       'caption JSON and the folder of its images')
     builder = karpathy.KarpathyCaptions(json_path=karpathy_json, image_dir=image_dir,
+                                        stored_image_size=data_config.stored_image_size,
                                         data_dir=data_config.data_dir)
+  elif data_config.stored_image_size is not None and not (
+      data_config.name == 'coco_captions' and data_config.coco_dir):
+    raise DataError(f'config.data.stored_image_size={data_config.stored_image_size} applies to '
+                    'datasets built from files (config.data.coco_dir, karpathy_json); '
+                    f'{data_config.name!r} is stored as its builder makes it: set it to None')
   elif data_config.name == 'shapes_captions':
     builder = shapes_captions.builder_from_config(data_config.shapes, data_config.data_dir)
   elif data_config.name == 'coco_captions' and data_config.coco_dir:
     builder = coco_local.CocoCaptionsLocal(coco_dir=data_config.coco_dir,
                                            files=data_config.coco_files,
+                                           stored_image_size=data_config.stored_image_size,
                                            data_dir=data_config.data_dir)
   elif data_config.name in _FROM_FILES_ONLY:
     raise DataNotFoundError(MISSING_FILES_MESSAGE.format(
