@@ -243,7 +243,7 @@ def cider_workload(config, batch_size: int, vocab_size: int) -> tuple[Workload, 
   tables, device_candidates = jax.device_put(scorer.tables), jax.device_put(candidates)
   score = jax.jit(rewards.scores)
   workload = Workload([functools.partial(score, tables, gathered, device_candidates)], 1,
-                      flops.count_flops(score, tables, gathered, device_candidates))
+                      0.0)  # No matrix products: no MFU (main).
   extra = {'references_per_image': _REFERENCES_PER_IMAGE}
   try:
     from pycocoevalcap.cider import cider_scorer
@@ -407,7 +407,7 @@ def main(argv):
              'batch_size': batch_size, 'max_len': config.data.max_len, 'dtype': config.model.dtype,
              'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
              'jax_version': jax.__version__}
-  if mode != 'pipeline':
+  if mode not in ('pipeline', 'cider'):  # The device CIDEr-D has no matrix products.
     peak_dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
     peak = peak_tflops(peak_dtype, FLAGS.peak_matmul_size) * jax.device_count()
     achieved = workload.flops_per_step / seconds / 1e12
