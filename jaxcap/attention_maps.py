@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import os
 
 import numpy as np
 
@@ -17,6 +18,14 @@ from jaxcap.data import tokenizer as tokenizer_lib
 
 WORD_START = '▁'
 END = '</s>'
+# The page code that draws a word's map over its image, shared by the gallery and the caption page.
+OVERLAY_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'attention_overlay.js')
+
+
+def overlay_script() -> str:
+  """attention_overlay.js, to inline in a page."""
+  with open(OVERLAY_SCRIPT, encoding='utf-8') as f:
+    return f.read()
 
 
 @dataclasses.dataclass(frozen=True)

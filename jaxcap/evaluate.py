@@ -140,12 +140,10 @@ def evaluate_split(
     for key in totals:
       totals[key] += float(sums[key])
     real = np.asarray(mask) > 0
-    ids = np.asarray(image_ids)[real].tolist()
-    texts = tokenizer.decode(np.asarray(tokens)[real])
-    generated.update(zip(ids, texts))
+    ids, rows = np.asarray(image_ids)[real].tolist(), np.asarray(tokens)[real]
+    generated.update(zip(ids, tokenizer.decode(rows)))
     if attention_grid is not None:
-      for image_id, row, weights in zip(ids, np.asarray(tokens)[real],
-                                        np.asarray(attention[0])[real]):
+      for image_id, row, weights in zip(ids, rows, np.asarray(attention[0])[real]):
         token_maps[image_id] = attention_maps.token_maps(tokenizer, row, weights, attention_grid)
   elapsed = time.perf_counter() - start
   num_tokens = max(totals['num_tokens'], 1.0)

@@ -100,9 +100,6 @@ def _metrics_table(metrics: Mapping[str, float]) -> str:
   return f'<table class="metrics"><tr>{head}</tr><tr>{cells}</tr></table>'
 
 
-OVERLAY_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'attention_overlay.js')
-
-
 def _caption_html(entry: Entry) -> str:
   """The caption as text, or as words that show their attention maps."""
   if not entry.words:
@@ -133,12 +130,6 @@ def _figure(entry: Entry) -> str:
           f'references:<ol class="references">{references}</ol></figcaption></figure>')
 
 
-def overlay_script() -> str:
-  """The page code that draws a word's attention map over its image (gallery, caption page)."""
-  with open(OVERLAY_SCRIPT, encoding='utf-8') as f:
-    return f.read()
-
-
 def render(title: str, metrics: Mapping[str, float], entries: Sequence[Entry],
            num_images: int) -> str:
   """The page: `metrics` of all `num_images` images of the split, then `entries` by image id."""
@@ -148,7 +139,7 @@ def render(title: str, metrics: Mapping[str, float], entries: Sequence[Entry],
   return (
       '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
       f'<title>{html.escape(title)}</title><style>{_STYLE}</style>'
-      f'<script>{_SCRIPT}{overlay_script()}</script></head><body>'
+      f'<script>{_SCRIPT}{attention_maps.overlay_script()}</script></head><body>'
       f'<h1>{html.escape(title)}</h1>'
       f'<p>Metrics over all {num_images} images; showing {shown}. CIDEr-D per image is '
       'pycocoevalcap\'s, whose mean over the split is the CIDEr above.</p>'

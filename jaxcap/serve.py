@@ -30,7 +30,6 @@ from PIL import Image
 
 from jaxcap import attention_maps
 from jaxcap import caption
-from jaxcap import gallery
 from jaxcap import parallel
 from jaxcap import predict
 
@@ -151,7 +150,7 @@ def make_app(service: CaptionService, limits: Limits = Limits()) -> web.Applicat
   """The aiohttp application: the page, the API, and the batcher running with it."""
   batcher = Batcher(service)
   with open(_PAGE, encoding='utf-8') as f:
-    page = f.read().replace('/* attention_overlay.js */', gallery.overlay_script())
+    page = f.read().replace('/* attention_overlay.js */', attention_maps.overlay_script())
 
   async def index(request: web.Request) -> web.Response:
     del request
