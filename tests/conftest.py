@@ -104,6 +104,15 @@ def _trained_once(tmp_path_factory, data_dir: str, name: str, **fields) -> str:
   return str(workdir)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def scripts_share_compiled_programs(tmp_path_factory):
+  """Every process that a test starts, on any worker, reads and fills one JAX compilation cache
+  of this run: a program that several scripts compile (a config's train step, the evaluation's
+  decoder) compiles once. The test processes themselves have imported JAX already and compile
+  as users' programs do."""
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = str(_run_folder(tmp_path_factory) / 'xla_cache')
+
+
 @pytest.fixture(scope='session')
 def trained_workdir(tmp_path_factory, data_dir) -> str:
   """A Show-and-Tell workdir trained 6 steps, for the tests of what reads a trained workdir:

@@ -28,16 +28,16 @@ in for, and the output says so:
 - `scripts/benchmark_gpu.sh` runs two of its runs (ONLY=), the bfloat16 programs no other
   command runs; its other runs are benchmark.py modes that the documents' commands run.
 Benchmark commands run with TensorFlow unimportable, as on accelerator hosts without it (the
-pipeline mode, tf.data's, aside). Outputs
-are checked where the documents say what they are (caption lines and JSON, evaluation files and
-metrics against pycocoevalcap run directly, benchmark JSON).
+pipeline mode, tf.data's, aside). Outputs are checked where the documents say what they are
+(caption lines and JSON, evaluation files and metrics against pycocoevalcap run directly,
+benchmark JSON).
 
 Each command line runs once, however often the documents show it once the tiny sizes are
 appended. Commands that share a folder (a workdir they write or resume, an init_from run, a
 feature cache) run in one test in the documents' order, after the command that converts the
-weights they read; every other command is a test of its own, so pytest-xdist spreads them over
-the workers. Each test's report (what ran, what stood in, the seconds) is printed at the end of
-the run.
+weights they read (once per checkout: each xdist worker has one); every other command is a test
+of its own, so pytest-xdist spreads them over the workers. Each test's report (what ran, what
+stood in, the seconds) is printed at the end of the run.
 """
 
 from __future__ import annotations
@@ -161,6 +161,9 @@ class Checkout:
   shared_storage: pathlib.Path
   results: pathlib.Path
   no_tensorflow: pathlib.Path
+  # Where the commands that ran here without failing are written: a lane's weight conversion
+  # (`Lane.first`) that another test ran here has left the weights the lane reads.
+  ran: set[str] = dataclasses.field(default_factory=set)
 
 
 def _legacy_keras_weights(path: pathlib.Path) -> None:
@@ -234,6 +237,7 @@ class Plan:
   expected_returncode: int = 0
   json_path: pathlib.Path | None = None
   not_run: str = ''  # Why it is not run as a subprocess of this test.
+  converts_for_lane: bool = False  # Runs first to convert the weights that its lane reads.
 
 
 def _config_overrides(argv: list[str], checkout: Checkout) -> tuple[list[str], str]:
@@ -257,9 +261,7 @@ def plan(command: DocCommand, checkout: Checkout) -> Plan:
   # One CPU device, as a user's machine has (conftest forces 8 for this process).
   env = {**os.environ, 'HOME': str(checkout.home), 'TF_CPP_MIN_LOG_LEVEL': '2',
          'XLA_FLAGS': SCRIPT_XLA_FLAGS,
-         'PATH': f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
-         # Identical programs of different commands compile once.
-         'JAX_COMPILATION_CACHE_DIR': str(checkout.home / 'jax_cache')}
+         'PATH': f'{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'}
   env.pop('KERAS_HOME', None)
   segments = [s.strip() for s in command.text.split('&&')]
   if '-m pytest' in command.text:
@@ -488,6 +490,8 @@ def _run_in_order(plans: list[Plan], checkout: Checkout, report) -> list[str]:
   failures = []
   for group in _groups(plans):
     for p in group:
+      if p.converts_for_lane and p.command.source in checkout.ran:
+        p.not_run = 'ran in this checkout before (another test): the weights are there'
       p.not_run = _not_run(p, checkout)
       if p.not_run:
         report(f'  [not run] {p.command.source}: {p.command.text}\n      why: {p.not_run}')
@@ -512,6 +516,8 @@ def _run_in_order(plans: list[Plan], checkout: Checkout, report) -> list[str]:
       lines += [f'      stand-in: {p.stand_in}'] if p.stand_in else []
       lines.append(f'      ran: {shlex.join(p.argv)}')
       report('\n'.join(lines))
+      if not problem:
+        checkout.ran.add(p.command.source)
       if problem:
         failures.append(f'{p.command.source}: {p.command.text}\n  {problem}\n'
                         f'{result.stdout[-1500:]}\n{result.stderr[-3000:]}')
@@ -591,6 +597,7 @@ class Lane:
   weights: set[str]
   notes: list[str] = dataclasses.field(default_factory=list)
   name: str = ''  # The test's id: where its first own command is written.
+  first: list[DocCommand] = dataclasses.field(default_factory=list)  # Weight conversions.
 
 
 def _lanes() -> tuple[list[Lane], list[DocCommand]]:
@@ -625,6 +632,7 @@ def _lanes() -> tuple[list[Lane], list[DocCommand]]:
       producer = next(x for x in lanes if folder in x.written).commands[0]
       lane.notes.append(f'[first] {producer.source} converts the weights that the lane reads')
       lane.commands.insert(0, producer)
+      lane.first.append(producer)
   for first, note in same:
     next(x for x in lanes if first in x.commands).notes.append(note)
   names = collections.Counter()
@@ -669,6 +677,8 @@ def test_quick_start_is_what_ci_runs():
     for lane in LANES])
 def test_documented_commands_run(lane, checkout, record_property):
   plans = [plan(command, checkout) for command in lane.commands]
+  for p in plans:
+    p.converts_for_lane = any(p.command is c for c in lane.first)
   lines = [f'{len(plans)} command(s) in document order; seconds are wall time:']
   failures = _run_in_order(plans, checkout, lines.append)
   lines += [f'  {note}' for note in lane.notes]
