@@ -161,8 +161,8 @@ class Checkout:
   shared_storage: pathlib.Path
   results: pathlib.Path
   no_tensorflow: pathlib.Path
-  # Where the commands that ran here without failing are written: a lane's weight conversion
-  # (`Lane.first`) that another test ran here has left the weights the lane reads.
+  # The sources ('README.md:128') of the commands that ran here without failing: a lane's weight
+  # conversion (`Lane.first`) that another test ran here has left the weights the lane reads.
   ran: set[str] = dataclasses.field(default_factory=set)
 
 
@@ -474,7 +474,9 @@ def _groups(plans: list[Plan]) -> list[list[Plan]]:
 
 
 def _not_run(p: Plan, checkout: Checkout) -> str:
-  """Why a planned command cannot run here ('' if it can)."""
+  """Why a planned command cannot run here, or need not ('' if it runs)."""
+  if p.converts_for_lane and p.command.source in checkout.ran:
+    return 'ran in this checkout before (another test): the weights are there'
   if p.not_run or not p.argv[1].startswith('../shared/peers/'):
     return p.not_run
   framework = _PEER_FRAMEWORK[pathlib.Path(p.argv[1]).name]
@@ -490,8 +492,6 @@ def _run_in_order(plans: list[Plan], checkout: Checkout, report) -> list[str]:
   failures = []
   for group in _groups(plans):
     for p in group:
-      if p.converts_for_lane and p.command.source in checkout.ran:
-        p.not_run = 'ran in this checkout before (another test): the weights are there'
       p.not_run = _not_run(p, checkout)
       if p.not_run:
         report(f'  [not run] {p.command.source}: {p.command.text}\n      why: {p.not_run}')
@@ -518,7 +518,7 @@ def _run_in_order(plans: list[Plan], checkout: Checkout, report) -> list[str]:
       report('\n'.join(lines))
       if not problem:
         checkout.ran.add(p.command.source)
-      if problem:
+      else:
         failures.append(f'{p.command.source}: {p.command.text}\n  {problem}\n'
                         f'{result.stdout[-1500:]}\n{result.stderr[-3000:]}')
   return failures
