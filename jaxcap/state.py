@@ -134,6 +134,17 @@ def initial_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax
   return state
 
 
+def abstract_state(config: ml_collections.ConfigDict, model: nn.Module,
+                   mesh: jax.sharding.Mesh) -> TrainState:
+  """The full model's state as shapes, dtypes and (replicated) shardings, computing nothing:
+  what a full checkpoint restores into without initialising the model first."""
+  replicated = parallel.replicated(mesh)
+  shapes = jax.eval_shape(functools.partial(create_train_state, config, model),
+                          named_key(config.seed, 'params'))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      shapes)
+
+
 def initial_decoder_state(config: ml_collections.ConfigDict, model: nn.Module,
                           mesh: jax.sharding.Mesh,
                           features_shape: int | Sequence[int]) -> TrainState:

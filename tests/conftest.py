@@ -2,15 +2,14 @@
 
 import os
 
-# Before JAX initialises: 8 CPU devices so sharded code runs as on a multi-device host.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-# XLA flags of the scripts that tests run as whole commands on one CPU device (the documents'
-# commands, the shared trained workdir): LLVM's optimisation off. Their tiny runs spend most of
-# their time compiling, which this about halves; the numerics the tests compare are checked in
-# the test processes, compiled as users' programs are.
+# XLA flags of every process of the tests: LLVM's optimisation off. Tiny models spend most of
+# their time compiling, which this cuts by a quarter to a half; XLA's own passes (fusion,
+# layout, sharding) and so the programs' numerics are those users get. Scripts that tests run
+# as whole commands get these flags alone (one CPU device, as a user's machine).
 SCRIPT_XLA_FLAGS = '--xla_backend_optimization_level=0'
+# Before JAX initialises: 8 CPU devices so sharded code runs as on a multi-device host.
+os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {SCRIPT_XLA_FLAGS}')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # Offline, for this process and every process a test starts: IP connections only to this
 # machine (tests/offline/sitecustomize.py, found on PYTHONPATH by each new interpreter). The
@@ -108,8 +107,8 @@ def _trained_once(tmp_path_factory, data_dir: str, name: str, **fields) -> str:
 def scripts_share_compiled_programs(tmp_path_factory):
   """Every process that a test starts, on any worker, reads and fills one JAX compilation cache
   of this run: a program that several scripts compile (a config's train step, the evaluation's
-  decoder) compiles once. The test processes themselves have imported JAX already and compile
-  as users' programs do."""
+  decoder) compiles once. Not the test processes themselves: with the cache on, jaxlib 0.10.2
+  aborted the process (SIGABRT, no message) in test_train's resume."""
   os.environ['JAX_COMPILATION_CACHE_DIR'] = str(_run_folder(tmp_path_factory) / 'xla_cache')
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxcap import checkpoint
 from jaxcap import parallel
+from tests.conftest import SCRIPT_XLA_FLAGS
 from tests.test_train_step import _jit_step
 from tests.test_train_step import _random_batch
 from tests.test_train_step import _state
@@ -119,7 +120,7 @@ def test_a_failed_write_names_the_step_and_keeps_earlier_checkpoints(config, tmp
       timeout=600,
       cwd=ROOT,
       env={
-          **os.environ, 'XLA_FLAGS': ''
+          **os.environ, 'XLA_FLAGS': SCRIPT_XLA_FLAGS
       })
   assert result.returncode == 0, result.stderr[-3000:]
   # The failed write did not stop the step that started it; the next save reported it.

@@ -54,14 +54,6 @@ def _configs_training_differently():
   return sorted(firsts.values())
 
 
-def _compiled_fast(jitted, *args, **static_kwargs):
-  """`jitted` compiled for `args` with LLVM's optimisation off (which parameters move does not
-  depend on it; InceptionV3's fine-tuning step compiles in about half the time)."""
-  compiled = jitted.lower(*args, **static_kwargs).compile(
-      {'xla_backend_optimization_level': 0})
-  return lambda *a: compiled(*a, **static_kwargs)
-
-
 def _changed(before, after) -> dict[str, list[bool]]:
   """Per top-level module (encoder, decoder): whether each of its arrays changed."""
   return {name: [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[name]),
@@ -90,9 +82,9 @@ def test_every_config_builds_its_model_and_trains_its_parameters(name):
       -1, 1, (batch_size, config.data.image_size, config.data.image_size, 3)).astype(np.float32)
   if config.trainer == 'images':
     create = jax.jit(functools.partial(state_lib.create_train_state, config, model))
-    state = _compiled_fast(create, key)(key)  # Eagerly, InceptionV3's init takes ~25 s.
-    step = _compiled_fast(jax.jit(train_step_lib.train_step), state,
-                          batch={'image': images, 'tokens': tokens}, dropout_key=key)
+    state = create(key)  # Jitted: eagerly, InceptionV3's init takes ~25 s.
+    step = functools.partial(jax.jit(train_step_lib.train_step),
+                             batch={'image': images, 'tokens': tokens}, dropout_key=key)
   else:
     full = jax.eval_shape(functools.partial(state_lib.create_train_state, config, model), key)
     features_shape = jax.eval_shape(
@@ -106,11 +98,10 @@ def test_every_config_builds_its_model_and_trains_its_parameters(name):
       scorer = rewards.CiderD([[list(range(4, vocab)) + [EOS_ID]], [[EOS_ID]]], vocab)
       data = scst.place(embedding, scorer.references, mesh)
       scst_step = resident.jit_steps(scst.config_step(config, per_shard_batch=batch_size))(1)
-      scst_compiled = _compiled_fast(scst_step, state, data, scorer.tables, key)
-      step = lambda state: scst_compiled(state, data, scorer.tables, key)
+      step = lambda state: scst_step(state, data, scorer.tables, key)
     else:
-      step = _compiled_fast(jax.jit(train_step_lib.decoder_train_step), state,
-                            batch={'embedding': embedding, 'tokens': tokens}, dropout_key=key)
+      step = functools.partial(jax.jit(train_step_lib.decoder_train_step),
+                               batch={'embedding': embedding, 'tokens': tokens}, dropout_key=key)
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   for _ in range(2):
     state, metrics = step(state)

@@ -13,6 +13,7 @@ import pytest
 
 from jaxcap import export
 from jaxcap.data import tokenizer as tokenizer_lib
+from tests.conftest import SCRIPT_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _LOG_PROB_RTOL = 2e-5
@@ -58,7 +59,7 @@ def _images(folder: pathlib.Path) -> list[str]:
 
 def _run(*argv: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600,
-                        cwd=ROOT, env={**os.environ, 'XLA_FLAGS': ''})
+                        cwd=ROOT, env={**os.environ, 'XLA_FLAGS': SCRIPT_XLA_FLAGS})
 
 
 def test_piece_table_and_detokenize_match_sentencepiece(trained_workdir):

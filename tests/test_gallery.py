@@ -20,6 +20,7 @@ from jaxcap import evaluate
 from jaxcap import gallery
 from jaxcap import predict
 from tests import browser
+from tests.conftest import SCRIPT_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCES = {
@@ -93,7 +94,7 @@ def test_evaluate_gallery_opens_from_disk_and_orders_worst_first(trained_workdir
   result = subprocess.run(
       [sys.executable, 'scripts/evaluate.py', '--workdir', trained_workdir, '--split', 'val',
        '--gallery', '--gallery_images', '5'], capture_output=True, text=True, timeout=600,
-      cwd=ROOT, env={**os.environ, 'XLA_FLAGS': ''})
+      cwd=ROOT, env={**os.environ, 'XLA_FLAGS': SCRIPT_XLA_FLAGS})
   assert result.returncode == 0, result.stderr[-3000:]
   page_path = pathlib.Path(result.stdout.split()[-1])
   assert page_path.name == 'val_step6_greedy.html' and page_path.parent.name == 'eval'

@@ -19,6 +19,7 @@ import pytest
 
 from jaxcap import predict
 from jaxcap.data import sources
+from tests.conftest import SCRIPT_XLA_FLAGS
 from tests.conftest import tiny_config
 from tests.conftest import write_config_file
 
@@ -30,7 +31,8 @@ TIMEOUT_S = 240
 def _env(devices: int) -> dict[str, str]:
   """The test process's environment (its PYTHONPATH brings the offline guard, tests/offline,
   to every process) with `devices` CPU devices."""
-  return {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+  flags = f'--xla_force_host_platform_device_count={devices} {SCRIPT_XLA_FLAGS}'
+  return {**os.environ, 'XLA_FLAGS': flags,
           'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ['PYTHONPATH']])}
 
 

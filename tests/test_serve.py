@@ -23,6 +23,7 @@ import pytest
 
 from jaxcap import predict
 from tests import browser
+from tests.conftest import SCRIPT_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -61,7 +62,7 @@ def server(trained_workdir):
   ],
                              cwd=ROOT,
                              env={
-                                 **os.environ, 'XLA_FLAGS': ''
+                                 **os.environ, 'XLA_FLAGS': SCRIPT_XLA_FLAGS
                              },
                              stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT,
@@ -104,7 +105,7 @@ def _caption_py(workdir: str, paths, *flags: str) -> list[dict]:
   """scripts/caption.py's {'caption', 'log_prob'} of each image."""
   result = subprocess.run([sys.executable, 'scripts/caption.py', '--workdir', workdir, '--json',
                            *flags, *map(str, paths)], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={**os.environ, 'XLA_FLAGS': ''})
+                          cwd=ROOT, env={**os.environ, 'XLA_FLAGS': SCRIPT_XLA_FLAGS})
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout)
 
