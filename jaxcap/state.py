@@ -125,13 +125,15 @@ def _check_same_shape(expected, actual):
 def initial_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh,
                   encoder_weights: dict | None = None) -> TrainState:
   """The full model's state initialised from `config.seed`, replicated over `mesh`, with the
-  pretrained encoder variables when given."""
-  replicated = parallel.replicated(mesh)
-  state = jax.jit(functools.partial(create_train_state, config, model),
-                  out_shardings=replicated)(named_key(config.seed, 'params'))
-  if encoder_weights is not None:
-    state = jax.jit(with_encoder_variables, out_shardings=replicated)(state, encoder_weights)
-  return state
+  pretrained encoder variables when given.
+
+  One program: the random encoder that the pretrained one replaces is never computed (XLA drops
+  it), which leaves InceptionV3's initialisation out of the compilation."""
+  def create(rng, encoder_weights):
+    state = create_train_state(config, model, rng)
+    return state if encoder_weights is None else with_encoder_variables(state, encoder_weights)
+  return jax.jit(create, out_shardings=parallel.replicated(mesh))(
+      named_key(config.seed, 'params'), encoder_weights)
 
 
 def abstract_state(config: ml_collections.ConfigDict, model: nn.Module,

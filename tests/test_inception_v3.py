@@ -256,13 +256,16 @@ def test_captioner_uses_converted_weights(config, weight_files, tmp_path):
   config.data.image_size = 75
   weights = captioner.load_encoder_weights(config.model)
   model = captioner.create_model(config.model, vocab_size=20)
-  state = jax.eval_shape(lambda: state_lib.create_train_state(config, model, jax.random.key(0)))
-  state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state)
-  state = state_lib.with_encoder_variables(state, weights)
+  mesh = parallel.make_mesh()
+  state = state_lib.initial_state(config, model, mesh, weights)
   jax.tree.map(np.testing.assert_array_equal, variables['params'],
                jax.device_get(state.params['encoder']))
   jax.tree.map(np.testing.assert_array_equal, variables['batch_stats'],
                jax.device_get(state.batch_stats['encoder']))
+  # The decoder is the seed's, whatever the encoder's weights (one program builds both).
+  halved = state_lib.initial_state(config, model, mesh, jax.tree.map(lambda x: x / 2, weights))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params['decoder']),
+               jax.device_get(halved.params['decoder']))
 
 
 def test_training_stops_early_on_missing_or_wrong_weights(config, weight_files, tmp_path):
