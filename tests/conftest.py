@@ -2,10 +2,11 @@
 
 import os
 
-# XLA flags of every process of the tests: LLVM's optimisation off. Tiny models spend most of
-# their time compiling, which this cuts by a quarter to a half; XLA's own passes (fusion,
-# layout, sharding) and so the programs' numerics are those users get. Scripts that tests run
-# as whole commands get these flags alone (one CPU device, as a user's machine).
+# XLA flags of the tests' processes: LLVM's optimisation off. Tiny models spend most of their
+# time compiling, which this cuts by a quarter to a half; XLA's own passes (fusion, layout,
+# sharding) are those users get, only the machine code rounds slightly differently (the tests
+# that compare runs across device counts compile as users do). Scripts that tests run as whole
+# commands get these flags alone (one CPU device, as a user's machine).
 SCRIPT_XLA_FLAGS = '--xla_backend_optimization_level=0'
 # Before JAX initialises: 8 CPU devices so sharded code runs as on a multi-device host.
 os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {SCRIPT_XLA_FLAGS}')
