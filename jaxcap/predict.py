@@ -82,7 +82,7 @@ def restore(workdir: str, step: int | None = None) -> Trained:
                                   captioner.load_encoder_weights(config.model))
     template = state_lib.initial_decoder_state(config, model, mesh,
                                                state_lib.features_shape(config, full_state))
-  else:  # A full checkpoint holds everything: nothing to initialise (InceptionV3's takes ~20 s).
+  else:  # A full checkpoint holds everything: nothing to initialise (InceptionV3's is slow).
     template = state_lib.abstract_state(config, model, mesh)
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
   steps = manager.all_steps()
