@@ -150,9 +150,10 @@ def test_a_full_workdir_restores_without_initialising_the_model(trained_workdir,
   monkeypatch.setattr(state_lib, 'initial_state', refuse)
   trained = predict.restore(trained_workdir)
   manager = checkpoint.create_manager(trained_workdir, keep=2)
-  on_disk = manager.restore(manager.latest_step())  # No template: the arrays as saved.
+  latest = manager.latest_step()
+  on_disk = manager.restore(latest)  # No template: the arrays as saved.
   manager.close()
-  assert int(trained.state.step) == int(on_disk['step']) == manager.latest_step()
+  assert int(trained.state.step) == int(on_disk['step']) == latest
   restored = jax.device_get({'params': trained.state.params,
                              'batch_stats': trained.state.batch_stats})
   jax.tree.map(np.testing.assert_array_equal, restored,
