@@ -70,6 +70,67 @@ def test_policy_loss_gradient_is_reinforce(config, temperature):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
 
 
+def test_mixed_loss_adds_the_references_cross_entropy(config):
+  """The mixed loss and its gradient are the policy loss's plus xe_weight times the references'
+  mean token cross-entropy, that taken from the full teacher-forced logits (softmax without PAD
+  and BOS, at temperature 1 whatever the sampler's)."""
+  mesh = parallel.make_mesh()
+  state = _decoder_state(config, mesh)
+  rng = np.random.default_rng(5)
+  embedding = jnp.asarray(rng.normal(size=(2, EMBEDDING_DIM)), jnp.float32)
+  sample_embedding = jnp.repeat(embedding, 2, axis=0)
+  samples = jnp.asarray([[5, 6, EOS_ID, PAD_ID], [7, EOS_ID, PAD_ID, PAD_ID],
+                         [8, 9, 10, EOS_ID], [EOS_ID, PAD_ID, PAD_ID, PAD_ID]], jnp.int32)
+  advantage = jnp.asarray([0.5, -1.0, 2.0, 0.25])
+  references = jnp.asarray([[11, 12, 13, EOS_ID, PAD_ID], [14, EOS_ID, PAD_ID, PAD_ID, PAD_ID]],
+                           jnp.int32)
+
+  def references_cross_entropy(params):
+    inputs = jnp.concatenate([jnp.full((2, 1), BOS_ID), references[:, :-1]], 1)
+    logits = state.apply_fn({'params': params}, embedding, inputs, method='caption_logits')
+    logits = logits.at[..., [PAD_ID, BOS_ID]].set(-jnp.inf)
+    log_p = jnp.take_along_axis(jax.nn.log_softmax(logits), references[..., None], -1)[..., 0]
+    mask = references != PAD_ID
+    return -jnp.sum(jnp.where(mask, log_p, 0.0)) / jnp.sum(mask)
+
+  def policy(params):
+    return scst.policy_loss(params, state.apply_fn, sample_embedding, samples, advantage, 0.7)[0]
+
+  def mixed(params, xe_weight):
+    return scst.mixed_loss(params, state.apply_fn, sample_embedding, samples, advantage, 0.7,
+                           embedding, references, xe_weight)
+
+  (loss, parts), grads = jax.value_and_grad(mixed, has_aux=True)(state.params, 0.3)
+  want_xe, want_xe_grads = jax.value_and_grad(references_cross_entropy)(state.params)
+  want_policy, want_policy_grads = jax.value_and_grad(policy)(state.params)
+  np.testing.assert_allclose(parts['reference_loss'], want_xe, rtol=1e-5)
+  np.testing.assert_allclose(loss, want_policy + 0.3 * want_xe, rtol=1e-5)
+  assert int(parts['num_tokens']) == 3 + 2 + 4 + 1
+  for got, want_p, want_x in zip(jax.tree.leaves(grads), jax.tree.leaves(want_policy_grads),
+                                 jax.tree.leaves(want_xe_grads)):
+    np.testing.assert_allclose(got, want_p + 0.3 * want_x, rtol=1e-4, atol=1e-7)
+  # Weight 0: the policy loss alone, nothing computed for the references.
+  loss, parts = mixed(state.params, 0.0)
+  np.testing.assert_allclose(loss, want_policy, rtol=1e-6)
+  assert 'reference_loss' not in parts
+
+
+def test_the_reference_drawn_is_a_real_one_each_equally_often():
+  tokens = np.full((3, 4, 5), PAD_ID, np.int32)
+  tokens[:, :, 0] = np.arange(12).reshape(3, 4) + 4    # Reference c of image i starts 4 + 4i + c.
+  mask = np.asarray([[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], np.float32)
+  references = rewards.ImageReferences(jnp.asarray(tokens), jnp.zeros((3, 4, 4)),
+                                       jnp.zeros((3, 4)), jnp.asarray(mask))
+  draws = jax.vmap(lambda key: scst.reference_per_image(references, key))(
+      jax.random.split(jax.random.key(0), 3000))
+  first = np.asarray(draws[:, :, 0])                        # (draws, images)
+  assert draws.shape == (3000, 3, 5) and np.all(draws[:, :, 1:] == PAD_ID)
+  for image, real in enumerate(mask.astype(bool)):
+    counts = np.bincount(first[:, image] - 4 - 4 * image, minlength=4)
+    assert np.all(counts[~real] == 0), counts               # Never a missing reference.
+    np.testing.assert_allclose(counts[real] / 3000, 1 / real.sum(), atol=0.03)
+
+
 def test_baselines():
   rewards_ = jnp.asarray([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
   np.testing.assert_allclose(
@@ -82,8 +143,8 @@ def test_baselines():
         per_shard_batch=1, num_samples=2, baseline='mean', temperature=1.0, max_len=8)
 
 
-@pytest.mark.parametrize('baseline', ['mean_of_others', 'greedy'])
-def test_k_steps_per_call_equal_single_steps(config, baseline):
+@pytest.mark.parametrize('baseline,xe_weight', [('mean_of_others', 0.0), ('greedy', 0.5)])
+def test_k_steps_per_call_equal_single_steps(config, baseline, xe_weight):
   config.optimizer.learning_rate = 1e-2
   mesh = parallel.make_mesh()  # 8 forced CPU devices: 4 images each.
   rng = np.random.default_rng(1)
@@ -93,7 +154,8 @@ def test_k_steps_per_call_equal_single_steps(config, baseline):
   tables = jax.device_put(scorer.tables, parallel.replicated(mesh))
   seed_key = jax.device_put(jax.random.key(3), parallel.replicated(mesh))
   # Global batch 16 images of 3 samples; 2 steps an epoch, so the calls cross epochs.
-  kwargs = dict(per_shard_batch=2, num_samples=3, baseline=baseline, temperature=1.0, max_len=10)
+  kwargs = dict(per_shard_batch=2, num_samples=3, baseline=baseline, temperature=1.0, max_len=10,
+                xe_weight=xe_weight)
   steps_fn = resident.jit_steps(scst.make_scst_step(**kwargs))
   four = steps_fn(4)
   state, metrics = four(_decoder_state(config, mesh), data, tables, seed_key)
@@ -105,7 +167,8 @@ def test_k_steps_per_call_equal_single_steps(config, baseline):
   for _ in range(8):
     reference, step_metrics = one(reference, data, tables, seed_key)
     single.append(jax.device_get(step_metrics))
-  for key in ('loss', 'sample_reward', 'baseline_reward', 'greedy_reward'):
+  keys = ['loss', 'sample_reward', 'baseline_reward', 'greedy_reward']
+  for key in keys + (['reference_loss'] if xe_weight else []):
     got = np.concatenate([metrics[key], more[key]])
     np.testing.assert_allclose(got, [m[key][0] for m in single], rtol=1e-5, atol=1e-6)
   assert np.asarray(metrics['sample_reward']).max() > 0  # Rewards are not all zero.
@@ -209,6 +272,7 @@ def test_self_critical_run_starts_from_init_from_resumes_exactly_and_restores(co
   config.optimizer.end_learning_rate_factor = 1.0
 
   config.scst.max_len = 12
+  config.scst.xe_weight = 0.5  # The mixed objective, its reference draws replayed on resume.
   config.seed = 1  # Not init_from's: a decoder initialised here would be another one.
   workdir = tmp_path / 'scst'
   results = train.train_and_evaluate(config, str(workdir))
@@ -216,7 +280,7 @@ def test_self_critical_run_starts_from_init_from_resumes_exactly_and_restores(co
   records = _train_records(workdir)
   assert [r['step'] for r in records] == [2, 4]
   assert {'train_sample_reward', 'train_baseline_reward', 'train_greedy_reward',
-          'captions_per_sec'} <= set(records[-1])
+          'train_reference_loss', 'captions_per_sec'} <= set(records[-1])
   assert (workdir / 'tokenizer.model').read_bytes() == (xe_workdir / 'tokenizer.model').read_bytes()
 
   # Interrupted after step 2 (its checkpoint is the latest): the rerun replays steps 3 and 4.
@@ -224,7 +288,8 @@ def test_self_critical_run_starts_from_init_from_resumes_exactly_and_restores(co
   train.train_and_evaluate(config, str(workdir))
   replayed = _train_records(workdir)[-1]
   assert replayed['step'] == 4
-  for key in ('train_loss', 'train_sample_reward', 'train_greedy_reward', 'grad_norm'):
+  for key in ('train_loss', 'train_sample_reward', 'train_greedy_reward', 'train_reference_loss',
+              'grad_norm'):
     assert replayed[key] == pytest.approx(records[-1][key], rel=1e-6), key
 
   # The workdir restores to a full captioner: init_from's encoder, the trained decoder.

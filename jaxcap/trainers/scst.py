@@ -5,7 +5,10 @@ with CIDEr-D against the image's training references (`jaxcap.rewards`, inside t
 follows the policy gradient of `-(reward - baseline) * sum log p(token)` over the sampled tokens
 (EOS included, PAD excluded), averaged over those tokens. The baseline is the mean reward of
 the image's other samples ('mean_of_others', the "new self-critical" variant) or the reward of
-its greedy caption ('greedy', the original). One jitted call runs K steps in a `lax.scan`.
+its greedy caption ('greedy', the original). With `xe_weight` > 0 the loss adds that weight
+times the cross-entropy of one reference per image, drawn each step (a mixed objective): CIDEr-D
+scores n-grams, so it hardly tells two objects' order apart, and the references keep it. One
+jitted call runs K steps in a `lax.scan`.
 
 Images and their references are placed once, in contiguous blocks along the mesh's 'data' axis
 (`jaxcap.trainers.resident`); each device shard draws its share of a step's images from its own
@@ -96,8 +99,31 @@ def policy_loss(params, apply_fn: Callable, embedding: jax.Array, samples: jax.A
   return weighted_nll / num_tokens, num_tokens
 
 
+def reference_per_image(references: rewards.ImageReferences, key: jax.Array) -> jax.Array:
+  """(B, L) ids after BOS (EOS included) of one real reference per image, drawn uniformly."""
+  choice = jax.random.categorical(key, jnp.where(references.mask > 0, 0.0, -jnp.inf))
+  return jnp.take_along_axis(references.tokens, choice[:, None, None], axis=1)[:, 0]
+
+
+def mixed_loss(params, apply_fn: Callable, sample_embedding: jax.Array, samples: jax.Array,
+               advantage: jax.Array, temperature: float, embedding: jax.Array,
+               reference_tokens: jax.Array | None,
+               xe_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`policy_loss` of the samples + xe_weight * the mean token cross-entropy of the references
+  (B, L) of the images (`embedding`, B), in the sampler's distribution at temperature 1; and
+  the parts (the number of sampled tokens; the references' loss when xe_weight > 0)."""
+  loss, num_tokens = policy_loss(params, apply_fn, sample_embedding, samples, advantage,
+                                 temperature)
+  parts = {'num_tokens': num_tokens}
+  if xe_weight:
+    parts['reference_loss'], _ = policy_loss(params, apply_fn, embedding, reference_tokens,
+                                             jnp.ones(reference_tokens.shape[0]))
+    loss = loss + xe_weight * parts['reference_loss']
+  return loss, parts
+
+
 def make_scst_step(*, per_shard_batch: int, num_samples: int, baseline: str, temperature: float,
-                   max_len: int) -> Callable:
+                   max_len: int, xe_weight: float = 0.0) -> Callable:
   """`(state, data, tables, seed_key) -> (state, metrics)`: one self-critical step at state.step."""
   if baseline not in BASELINES:
     raise ValueError(f'config.scst.baseline={baseline!r} is not one of {BASELINES}')
@@ -108,6 +134,7 @@ def make_scst_step(*, per_shard_batch: int, num_samples: int, baseline: str, tem
            seed_key: jax.Array):
     order_key = state_lib.rng_stream(seed_key, 'order')
     sample_key = state_lib.rng_stream(seed_key, 'sample')
+    reference_key = state_lib.rng_stream(seed_key, 'reference')
     num_shards, images_per_shard = data.embedding.shape[:2]
     index = images_at(order_key, state.step, num_shards, images_per_shard, per_shard_batch)
     take = jax.vmap(lambda array, rows: array[rows])
@@ -130,10 +157,15 @@ def make_scst_step(*, per_shard_batch: int, num_samples: int, baseline: str, tem
     baselines = baseline_rewards(sample_rewards, greedy_rewards, baseline)
     advantage = jax.lax.stop_gradient(sample_rewards - baselines).reshape(-1)
 
-    (loss, num_tokens), grads = jax.value_and_grad(policy_loss, has_aux=True)(
-        state.params, state.apply_fn, sample_embedding, samples, advantage, temperature)
+    reference_tokens = (reference_per_image(references, jax.random.fold_in(reference_key,
+                                                                            state.step))
+                        if xe_weight else None)
+    (loss, parts), grads = jax.value_and_grad(mixed_loss, has_aux=True)(
+        state.params, state.apply_fn, sample_embedding, samples, advantage, temperature,
+        embedding, reference_tokens, xe_weight)
+    num_tokens = parts['num_tokens']
     grad_norm = optax.global_norm(grads)
-    metrics = {'loss': loss, 'num_tokens': num_tokens, 'grad_norm': grad_norm,
+    metrics = {**parts, 'loss': loss, 'grad_norm': grad_norm,
                'sample_reward': jnp.mean(sample_rewards), 'baseline_reward': jnp.mean(baselines),
                'greedy_reward': jnp.mean(greedy_rewards),
                'sample_length': num_tokens / samples.shape[0],
@@ -147,7 +179,7 @@ def config_step(config: ml_collections.ConfigDict, per_shard_batch: int) -> Call
   """`make_scst_step` with `config.scst`'s settings."""
   return make_scst_step(per_shard_batch=per_shard_batch, num_samples=config.scst.num_samples,
                         baseline=config.scst.baseline, temperature=config.scst.temperature,
-                        max_len=config.scst.max_len)
+                        max_len=config.scst.max_len, xe_weight=config.scst.xe_weight)
 
 
 def make(state: state_lib.TrainState, data: ScstData, tables: rewards.NgramTables,
