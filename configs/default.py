@@ -197,7 +197,8 @@ def get_config() -> ml_collections.ConfigDict:
   scst.max_len = 20
   # Weight of a cross-entropy term added to the policy loss: each image's teacher-forced loss
   # on one of its references, drawn each step (a mixed objective, Paulus et al. 2018). 0: the
-  # policy gradient alone. Keeps what CIDEr-D cannot tell apart, such as word order.
+  # policy gradient alone; negative values are rejected. Keeps what CIDEr-D cannot tell apart,
+  # such as word order.
   scst.xe_weight = 0.0
 
   config.eval = ev = ml_collections.ConfigDict()

@@ -141,6 +141,9 @@ def test_baselines():
   with pytest.raises(ValueError, match='config.scst.baseline'):
     scst.make_scst_step(
         per_shard_batch=1, num_samples=2, baseline='mean', temperature=1.0, max_len=8)
+  with pytest.raises(ValueError, match='config.scst.xe_weight=-0.5'):
+    scst.make_scst_step(per_shard_batch=1, num_samples=2, baseline='greedy', temperature=1.0,
+                        max_len=8, xe_weight=-0.5)
 
 
 @pytest.mark.parametrize('baseline,xe_weight', [('mean_of_others', 0.0), ('greedy', 0.5)])

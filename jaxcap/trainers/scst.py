@@ -129,6 +129,8 @@ def make_scst_step(*, per_shard_batch: int, num_samples: int, baseline: str, tem
     raise ValueError(f'config.scst.baseline={baseline!r} is not one of {BASELINES}')
   if num_samples < 2 and baseline == 'mean_of_others':
     raise ValueError('config.scst.num_samples must be at least 2 for the mean_of_others baseline')
+  if xe_weight < 0:  # A negative weight would push the references' likelihood down.
+    raise ValueError(f'config.scst.xe_weight={xe_weight} must be at least 0')
 
   def step(state: state_lib.TrainState, data: ScstData, tables: rewards.NgramTables,
            seed_key: jax.Array):
