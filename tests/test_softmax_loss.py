@@ -53,3 +53,15 @@ def test_bfloat16_features_keep_float32_parameter_gradients():
       lambda k: plain_loss_sums(features.astype(jnp.float32), k, bias, targets, weights)[0])(
           kernel)
   np.testing.assert_allclose(grads[0], plain, rtol=2e-2, atol=1e-2)
+
+
+def test_a_target_tied_for_the_top_logit_counts_as_correct():
+  # Equal logits everywhere (a zero kernel and bias): every target ties for the top.
+  features = jnp.ones((2, 3, 4))
+  kernel, bias = jnp.zeros((4, 6)), jnp.zeros(6)
+  targets = jnp.asarray([[0, 5, 2], [1, 1, 4]])
+  weights = jnp.asarray([[1.0, 1.0, 0.0], [1.0, 0.5, 1.0]])
+  loss_sum, correct = softmax_loss.projected_cross_entropy(features, kernel, bias, targets,
+                                                           weights, 2)
+  np.testing.assert_allclose(loss_sum, np.log(6) * 4.5, rtol=1e-6)
+  assert float(correct) == 4.5
