@@ -119,6 +119,42 @@ def _expected_attention(tokens):
   return np.where(after_eos[..., None], 0.0, np.eye(VOCAB)[previous])
 
 
+def _greedy_by_definition(table, image, steps):
+  """Each step's first largest allowed logit (np.argmax), fed back; PAD after EOS."""
+  tokens, previous = [], BOS_ID
+  for position in range(steps):
+    if previous == EOS_ID or (tokens and tokens[-1] == PAD_ID):
+      tokens.append(PAD_ID)
+      continue
+    logits = np.array(table[image, position, previous])
+    logits[[PAD_ID, BOS_ID]] = -np.inf
+    previous = int(np.argmax(logits))
+    tokens.append(previous)
+  return tokens
+
+
+def test_greedy_takes_the_first_largest_logit_at_each_step():
+  rng = np.random.default_rng(0)
+  # Small integers: many ties between the largest logits, where the first id must win.
+  table = jnp.asarray(rng.integers(-2, 2, (2, 8, VOCAB, VOCAB)).astype(np.float32))
+  images = jnp.array([0.0, 1.0]).reshape(2, 1, 1, 1) * jnp.ones((2, 2, 2, 1))
+  tokens = decode.greedy_decode(apply_with(table), None, images, 9)
+  for image in range(2):
+    assert tokens[image].tolist() == _greedy_by_definition(table, image, 8)
+
+
+def test_samples_follow_the_tempered_softmax():
+  table = jax.random.normal(jax.random.key(7), (2, 8, VOCAB, VOCAB))
+  draws = 6000
+  tokens = decode.sample_decode(apply_with(table), None, jnp.zeros((draws, 2, 2, 1)), 3,
+                                jax.random.key(2), temperature=0.5)
+  counts = np.bincount(np.asarray(tokens[:, 0]), minlength=VOCAB) / draws
+  logits = np.array(table[0, 0, BOS_ID]) / 0.5
+  logits[[PAD_ID, BOS_ID]] = -np.inf
+  expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+  np.testing.assert_allclose(counts, expected, atol=0.02)
+
+
 def test_sampling_at_low_temperature_is_greedy_and_pads_after_eos():
   apply, _ = _table_model(5)
   images = jnp.array([0.0, 1.0]).reshape(2, 1, 1, 1) * jnp.ones((2, 2, 2, 1))
