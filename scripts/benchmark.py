@@ -18,7 +18,8 @@ then waited for, against the same loop without saves). Synthetic captions follow
 COCO's lengths (words ~ N(10.5, 2.5), clipped, plus BOS and EOS, padded to max_len). Timing waits
 for the device and excludes compilation. FLOPs are the matrix products' and convolutions' of
 the traced program (`jaxcap.flops`: loops per iteration, the same count on every backend), and
-the peak is a large matrix product's, timed in the same run.
+the peak is a large matrix product's, timed in the same run, times the devices that do not
+share a CPU.
 """
 
 from collections.abc import Callable
@@ -134,6 +135,12 @@ def peak_tflops(dtype, size: int) -> float:
   matmul = jax.jit(jnp.matmul)
   seconds = time_calls([lambda: matmul(a, b)], steps=5, warmup=2)
   return 2 * size**3 / seconds / 1e12
+
+
+def independent_devices() -> int:
+  """How many devices' peaks add up: one product's peak per process on CPU, whose devices
+  (`--xla_force_host_platform_device_count`) share that process's cores; every device elsewhere."""
+  return jax.process_count() if jax.default_backend() == 'cpu' else jax.device_count()
 
 
 def _stateful(step_fn, state):
@@ -409,11 +416,12 @@ def main(argv):
              'jax_version': jax.__version__}
   if mode not in ('pipeline', 'cider'):  # The device CIDEr-D has no matrix products.
     peak_dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
-    peak = peak_tflops(peak_dtype, FLAGS.peak_matmul_size) * jax.device_count()
+    peak = peak_tflops(peak_dtype, FLAGS.peak_matmul_size) * independent_devices()
     achieved = workload.flops_per_step / seconds / 1e12
     results.update({
         'flops_per_step': workload.flops_per_step, 'achieved_tflops': achieved, 'peak_tflops': peak,
-        'mfu': achieved / peak if peak else 0.0, 'vocab_size': FLAGS.vocab_size,
+        'mfu': achieved / peak if peak else 0.0, 'peak_devices': independent_devices(),
+        'vocab_size': FLAGS.vocab_size,
         'image_size': config.data.image_size, 'encoder': config.model.encoder,
         'decoder': config.model.decoder, 'decode': config.decode.to_dict()})
   if mode in ('decoder', 'decoder_resident'):

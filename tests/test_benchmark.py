@@ -44,6 +44,7 @@ def test_sampling_mode_without_tensorflow(tmp_path):
     assert results['steps_per_sec'] > 0 and results['examples_per_sec'] > 0
     assert results['flops_per_step'] > 0 and results['peak_tflops'] > 0
     assert 0 < results['mfu'] and results['device_count'] == 8
+    assert results['peak_devices'] == 1  # The 8 CPU devices share one process's cores.
     assert ('tokens_per_sec' in results) == (mode in ('train', 'decoder', 'decoder_resident'))
 
 
