@@ -22,10 +22,10 @@ def _dropout_rngs(state: TrainState, dropout_key: jax.Array | None) -> dict[str,
   return {} if dropout_key is None else {'dropout': jax.random.fold_in(dropout_key, state.step)}
 
 
-def _teacher_forced_step(state: TrainState, tokens: jax.Array,
-                         loss_sums_fn) -> tuple[TrainState, Metrics]:
-  """One optimizer step on the masked loss; `loss_sums_fn(params, inputs, targets, weights)`
-  returns ((loss_sum, correct_sum), variable_updates)."""
+def _teacher_forced_gradients(params, tokens: jax.Array, loss_sums_fn):
+  """(grads, variable_updates, metrics) of the masked loss at `params`;
+  `loss_sums_fn(params, inputs, targets, weights)` returns ((loss_sum, correct_sum),
+  variable_updates)."""
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   weights = (targets != PAD_ID).astype(jnp.float32)
   num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
@@ -35,15 +35,21 @@ def _teacher_forced_step(state: TrainState, tokens: jax.Array,
     return loss_sum / num_tokens, (updates, correct / num_tokens)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (updates, accuracy)), grads = grad_fn(state.params)
+  (loss, (updates, accuracy)), grads = grad_fn(params)
+  return grads, updates, {'loss': loss, 'token_accuracy': accuracy, 'num_tokens': num_tokens}
+
+
+def apply_gradients(state: TrainState, grads, updates,
+                    metrics: Metrics) -> tuple[TrainState, Metrics]:
+  """The optimizer step on `grads` (and the variable updates, e.g. batch norm's statistics);
+  the metrics gain the gradient norm and whether the step was finite."""
   new_state = state.apply_gradients(grads=grads,
                                     batch_stats=updates.get('batch_stats', state.batch_stats))
   grad_norm = optax.global_norm(grads)
-  metrics = {'loss': loss, 'token_accuracy': accuracy, 'num_tokens': num_tokens,
-             'grad_norm': grad_norm,
-             # Checked by the loop when it next syncs (logging, checkpoints): no sync per step.
-             'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
-  return new_state, metrics
+  return new_state, {**metrics, 'grad_norm': grad_norm,
+                     # Checked by the loop when it next syncs (logging, checkpoints): no sync
+                     # per step.
+                     'finite': jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)}
 
 
 def train_step(state: TrainState, batch: Batch,
@@ -55,7 +61,18 @@ def train_step(state: TrainState, batch: Batch,
     return state.apply_fn(variables, batch['image'], inputs, targets, weights, train=True,
                           method='loss_sums', mutable=['batch_stats'],
                           rngs=_dropout_rngs(state, dropout_key))
-  return _teacher_forced_step(state, batch['tokens'], loss_sums_fn)
+  return apply_gradients(state, *_teacher_forced_gradients(state.params, batch['tokens'],
+                                                           loss_sums_fn))
+
+
+def decoder_gradients(state: TrainState, batch: Batch, dropout_key: jax.Array | None = None):
+  """`decoder_train_step`'s (grads, variable_updates, metrics), before the optimizer step."""
+  def loss_sums_fn(params, inputs, targets, weights):
+    sums = state.apply_fn({'params': params}, batch['embedding'], inputs, targets, weights,
+                          train=True, method='caption_loss_sums',
+                          rngs=_dropout_rngs(state, dropout_key))
+    return sums, {}
+  return _teacher_forced_gradients(state.params, batch['tokens'], loss_sums_fn)
 
 
 def decoder_train_step(state: TrainState, batch: Batch,
@@ -65,12 +82,7 @@ def decoder_train_step(state: TrainState, batch: Batch,
   Any caption length L works (one compilation per length): batches cut to their longest
   caption (`length_buckets`) spend no work on padding columns.
   """
-  def loss_sums_fn(params, inputs, targets, weights):
-    sums = state.apply_fn({'params': params}, batch['embedding'], inputs, targets, weights,
-                          train=True, method='caption_loss_sums',
-                          rngs=_dropout_rngs(state, dropout_key))
-    return sums, {}
-  return _teacher_forced_step(state, batch['tokens'], loss_sums_fn)
+  return apply_gradients(state, *decoder_gradients(state, batch, dropout_key))
 
 
 def eval_step(state: TrainState, batch: Batch) -> Metrics:

@@ -153,20 +153,24 @@ def batch_at(data: ResidentData, order: Order, seed_key: jax.Array, step: jax.Ar
 
 def make_train_step(buckets: Sequence[int], per_shard_batch: int) -> Callable:
   """`((state, order), data, seed_key) -> ((state, order), metrics)`: the decoder step of
-  state.step, on the batch it picks on the devices, run up to that batch's bucket length."""
-  def step_at(length):
+  state.step, on the batch it picks on the devices, run up to that batch's bucket length.
+
+  Only the gradients are computed per bucket (`lax.switch`); the optimizer step follows the
+  switch. Passing the whole state through the switch made XLA copy it, optimizer moments
+  included, at every step (docs/benchmarks.md)."""
+  def gradients_at(length):
     def run(state, batch, dropout_key):
-      return train_step_lib.decoder_train_step(
+      return train_step_lib.decoder_gradients(
           state, {**batch, 'tokens': batch['tokens'][:, :length]}, dropout_key)
     return run
-
-  branches = [step_at(length) for length in buckets]
 
   def train_step(carry, data, seed_key):
     state, order = carry
     dropout_key = state_lib.rng_stream(seed_key, 'dropout')
     order, batch, bucket = batch_at(data, order, seed_key, state.step, per_shard_batch)
-    state, metrics = jax.lax.switch(bucket, branches, state, batch, dropout_key)
+    branches = [functools.partial(gradients_at(length), state) for length in buckets]
+    gradients = jax.lax.switch(bucket, branches, batch, dropout_key)
+    state, metrics = train_step_lib.apply_gradients(state, *gradients)
     return (state, order), metrics
 
   return train_step
