@@ -28,12 +28,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 import numpy as np
-import optax
 
 from jaxcap import decode
 from jaxcap import parallel
 from jaxcap import rewards
 from jaxcap import state as state_lib
+from jaxcap import train_step as train_step_lib
 from jaxcap.data.tokenizer import BOS_ID
 from jaxcap.data.tokenizer import PAD_ID
 from jaxcap.models import captioner
@@ -165,14 +165,11 @@ def make_scst_step(*, per_shard_batch: int, num_samples: int, baseline: str, tem
     (loss, parts), grads = jax.value_and_grad(mixed_loss, has_aux=True)(
         state.params, state.apply_fn, sample_embedding, samples, advantage, temperature,
         embedding, reference_tokens, xe_weight)
-    num_tokens = parts['num_tokens']
-    grad_norm = optax.global_norm(grads)
-    metrics = {**parts, 'loss': loss, 'grad_norm': grad_norm,
+    metrics = {**parts, 'loss': loss,
                'sample_reward': jnp.mean(sample_rewards), 'baseline_reward': jnp.mean(baselines),
                'greedy_reward': jnp.mean(greedy_rewards),
-               'sample_length': num_tokens / samples.shape[0],
-               'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
-    return state.apply_gradients(grads=grads), metrics
+               'sample_length': parts['num_tokens'] / samples.shape[0]}
+    return train_step_lib.apply_gradients(state, grads, {}, metrics)
 
   return step
 
