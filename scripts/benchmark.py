@@ -416,11 +416,12 @@ def main(argv):
              'jax_version': jax.__version__}
   if mode not in ('pipeline', 'cider'):  # The device CIDEr-D has no matrix products.
     peak_dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
-    peak = peak_tflops(peak_dtype, FLAGS.peak_matmul_size) * independent_devices()
+    peak_devices = independent_devices()
+    peak = peak_tflops(peak_dtype, FLAGS.peak_matmul_size) * peak_devices
     achieved = workload.flops_per_step / seconds / 1e12
     results.update({
         'flops_per_step': workload.flops_per_step, 'achieved_tflops': achieved, 'peak_tflops': peak,
-        'mfu': achieved / peak if peak else 0.0, 'peak_devices': independent_devices(),
+        'mfu': achieved / peak if peak else 0.0, 'peak_devices': peak_devices,
         'vocab_size': FLAGS.vocab_size,
         'image_size': config.data.image_size, 'encoder': config.model.encoder,
         'decoder': config.model.decoder, 'decode': config.decode.to_dict()})
