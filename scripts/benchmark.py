@@ -71,7 +71,8 @@ flags.DEFINE_integer('grid', 8, 'Decoder and scst modes with config.model.decode
 flags.DEFINE_integer('batch_size', None, 'Global batch (default: config.batch_size).')
 flags.DEFINE_integer('vocab_size', 10_000, 'Vocabulary size of the synthetic model.')
 flags.DEFINE_integer('max_len', None, 'Caption length (default: config.data.max_len).')
-flags.DEFINE_integer('steps', 10, 'Timed steps (decoder_resident: rounded up to whole calls).')
+flags.DEFINE_integer('steps', 10, 'Timed steps (rounded up to whole calls; decoder: to whole '
+                     'cycles through the --num_batches host batches).')
 flags.DEFINE_integer('warmup', 2, 'Untimed calls first (compilation).')
 flags.DEFINE_integer('num_batches', 32,
                      'Decoder modes: distinct synthetic batches (x batch_size rows).')
@@ -117,11 +118,14 @@ class Workload(NamedTuple):
 
 def time_calls(calls, steps: int, warmup: int) -> float:
   """Seconds per call, cycling through `calls` after each has run (compiled) and `warmup`
-  more calls, waiting for the device each time."""
+  more calls, waiting for the device each time. The timed calls are `steps` rounded up to
+  whole cycles, so every call counts equally: the host batches of the decoder modes are
+  sorted by length, and a part of a cycle would time only the shortest."""
   for call in calls:
     jax.block_until_ready(call())
   for i in range(warmup):
     jax.block_until_ready(calls[i % len(calls)]())
+  steps = -(-steps // len(calls)) * len(calls)
   start = time.perf_counter()
   for i in range(steps):
     jax.block_until_ready(calls[i % len(calls)]())

@@ -1,5 +1,6 @@
 """scripts/benchmark.py runs without TensorFlow and writes valid JSON."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -17,6 +18,26 @@ sys.modules['tensorflow'] = None
 sys.argv = ['benchmark.py'] + sys.argv[1:]
 runpy.run_path({script!r}, run_name='__main__')
 """
+
+
+def _benchmark_module():
+  spec = importlib.util.spec_from_file_location('benchmark', ROOT / 'scripts' / 'benchmark.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_timed_calls_cover_whole_cycles():
+  # The decoder modes' host batches are sorted by length: timing part of a cycle through them
+  # would time the shortest only.
+  counts = [0, 0, 0]
+
+  def call(i):
+    counts[i] += 1
+  calls = [lambda i=i: call(i) for i in range(3)]
+  _benchmark_module().time_calls(calls, steps=4, warmup=1)
+  # Each once untimed (compilation), the first once more (warmup), then 4 -> 6 timed: 2 each.
+  assert counts == [4, 3, 3]
 
 
 @pytest.mark.slow
