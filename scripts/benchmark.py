@@ -19,7 +19,7 @@ COCO's lengths (words ~ N(10.5, 2.5), clipped, plus BOS and EOS, padded to max_l
 for the device and excludes compilation. FLOPs are the matrix products' and convolutions' of
 the traced program (`jaxcap.flops`: loops per iteration, the same count on every backend), and
 the peak is a large matrix product's, timed in the same run, times the devices that do not
-share a CPU.
+share a CPU. Every result names the host's CPU model and vector ISA beside it.
 """
 
 from collections.abc import Callable
@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import pathlib
+import platform
 import tempfile
 import time
 from typing import Any
@@ -139,6 +140,30 @@ def peak_tflops(dtype, size: int) -> float:
   matmul = jax.jit(jnp.matmul)
   seconds = time_calls([lambda: matmul(a, b)], steps=5, warmup=2)
   return 2 * size**3 / seconds / 1e12
+
+
+# The vector extensions that set a CPU's matrix-product peak, as /proc/cpuinfo names them.
+_CPU_ISA_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'avx512_fp16',
+                  'amx_tile', 'amx_bf16')
+
+
+def host_cpu(cpuinfo: str | None = None) -> dict[str, Any]:
+  """The host's CPU model and vector ISA: a CPU's time means nothing without them. From Linux's
+  /proc/cpuinfo (its first processor), else what `platform` knows."""
+  if cpuinfo is None:
+    try:
+      cpuinfo = pathlib.Path('/proc/cpuinfo').read_text()
+    except OSError:
+      return {'cpu': platform.processor() or platform.machine(), 'cpu_isa': []}
+  fields = {}
+  for line in cpuinfo.split('\n\n')[0].splitlines():
+    name, _, value = line.partition(':')
+    fields[name.strip()] = value.strip()
+  flags_present = set(fields.get('flags', '').split())
+  model = fields.get('model name', platform.machine())
+  if 'cpu family' in fields:
+    model += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+  return {'cpu': model, 'cpu_isa': [f for f in _CPU_ISA_FLAGS if f in flags_present]}
 
 
 def independent_devices() -> int:
@@ -393,7 +418,7 @@ def main(argv):
     mesh = parallel.make_mesh()
     results = {'mode': mode, 'batch_size': batch_size, 'image_size': config.data.image_size,
                'encoder': config.model.encoder, 'train_encoder': config.model.train_encoder,
-               'device_kind': jax.devices()[0].device_kind,
+               'device_kind': jax.devices()[0].device_kind, **host_cpu(),
                **checkpoint_stall(config, mesh, batch_size, FLAGS.vocab_size)}
     _report(results)
     return
@@ -417,7 +442,7 @@ def main(argv):
   results = {'mode': mode, 'steps_per_sec': 1 / seconds, 'examples_per_sec': batch_size / seconds,
              'batch_size': batch_size, 'max_len': config.data.max_len, 'dtype': config.model.dtype,
              'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
-             'jax_version': jax.__version__}
+             'jax_version': jax.__version__, **host_cpu()}
   if mode not in ('pipeline', 'cider'):  # The device CIDEr-D has no matrix products.
     peak_dtype = jnp.bfloat16 if config.model.dtype == 'bfloat16' else jnp.float32
     peak_devices = independent_devices()

@@ -1,5 +1,6 @@
 """scripts/benchmark.py runs without TensorFlow and writes valid JSON."""
 
+import functools
 import importlib.util
 import json
 import pathlib
@@ -20,6 +21,7 @@ runpy.run_path({script!r}, run_name='__main__')
 """
 
 
+@functools.cache  # Its absl flags can be defined once per process.
 def _benchmark_module():
   spec = importlib.util.spec_from_file_location('benchmark', ROOT / 'scripts' / 'benchmark.py')
   module = importlib.util.module_from_spec(spec)
@@ -38,6 +40,25 @@ def test_timed_calls_cover_whole_cycles():
   _benchmark_module().time_calls(calls, steps=4, warmup=1)
   # Each once untimed (compilation), the first once more (warmup), then 4 -> 6 timed: 2 each.
   assert counts == [4, 3, 3]
+
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16 vaes
+
+processor\t: 1
+model name\t: another
+flags\t\t: amx_tile
+"""
+
+
+def test_host_cpu_names_the_model_and_the_vector_isa():
+  cpu = _benchmark_module().host_cpu(_CPUINFO)
+  assert cpu == {'cpu': 'AMD EPYC (family 25 model 17)',
+                 'cpu_isa': ['avx2', 'fma', 'avx512f', 'avx512_bf16']}
 
 
 @pytest.mark.slow
@@ -66,6 +87,7 @@ def test_sampling_mode_without_tensorflow(tmp_path):
     assert results['flops_per_step'] > 0 and results['peak_tflops'] > 0
     assert 0 < results['mfu'] and results['device_count'] == 8
     assert results['peak_devices'] == 1  # The 8 CPU devices share one process's cores.
+    assert results['cpu'] and isinstance(results['cpu_isa'], list)
     assert ('tokens_per_sec' in results) == (mode in ('train', 'decoder', 'decoder_resident'))
 
 
