@@ -1,7 +1,5 @@
-"""scripts/benchmark.py runs without TensorFlow and writes valid JSON."""
+"""scripts/benchmark.py (jaxcap.benchmark) runs without TensorFlow and writes valid JSON."""
 
-import functools
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -9,6 +7,8 @@ import sys
 
 from PIL import Image
 import pytest
+
+from jaxcap import benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,14 +21,6 @@ runpy.run_path({script!r}, run_name='__main__')
 """
 
 
-@functools.cache  # Its absl flags can be defined once per process.
-def _benchmark_module():
-  spec = importlib.util.spec_from_file_location('benchmark', ROOT / 'scripts' / 'benchmark.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_timed_calls_cover_whole_cycles():
   # The decoder modes' host batches are sorted by length: timing part of a cycle through them
   # would time the shortest only.
@@ -37,7 +29,7 @@ def test_timed_calls_cover_whole_cycles():
   def call(i):
     counts[i] += 1
   calls = [lambda i=i: call(i) for i in range(3)]
-  _benchmark_module().time_calls(calls, steps=4, warmup=1)
+  benchmark.time_calls(calls, steps=4, warmup=1)
   # Each once untimed (compilation), the first once more (warmup), then 4 -> 6 timed: 2 each.
   assert counts == [4, 3, 3]
 
@@ -56,7 +48,7 @@ flags\t\t: amx_tile
 
 
 def test_host_cpu_names_the_model_and_the_vector_isa():
-  cpu = _benchmark_module().host_cpu(_CPUINFO)
+  cpu = benchmark.host_cpu(_CPUINFO)
   assert cpu == {'cpu': 'AMD EPYC (family 25 model 17)',
                  'cpu_isa': ['avx2', 'fma', 'avx512f', 'avx512_bf16']}
 

@@ -7,7 +7,7 @@
               embeddings, with its CIDEr-D reward computed in the step
 
 Each module's `build(setup)` returns the `Trainer` the loop (`jaxcap.train`) drives; `make(...)`
-builds the same trainer from arrays (what `scripts/benchmark.py` times). None imports TensorFlow.
+builds the same trainer from arrays (what `jaxcap/benchmark.py` times). None imports TensorFlow.
 """
 
 from __future__ import annotations
