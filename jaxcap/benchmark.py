@@ -187,10 +187,10 @@ def decoder_workload(config, mesh, options: Options, resident_steps: bool) -> Wo
   buckets = features.check_length_buckets(config.data.length_buckets, config.data.max_len)
   num_batches = max(options.steps, options.num_batches)
   tokens = synthetic_tokens(batch_size * num_batches, config.data.max_len, vocab_size)
-  embedding = np.random.default_rng(1).normal(
-      size=(len(tokens), *features_shape(config, options))).astype(np.float32)
+  shape = features_shape(config, options)
+  embedding = np.random.default_rng(1).normal(size=(len(tokens), *shape)).astype(np.float32)
   model = captioner.create_model(config.model, vocab_size)
-  state = state_lib.initial_decoder_state(config, model, mesh, features_shape(config, options))
+  state = state_lib.initial_decoder_state(config, model, mesh, shape)
   decoder_step = functools.partial(train_step_lib.decoder_train_step, dropout_key=_DROPOUT_KEY)
   # Host batches as a length-grouping input pipeline makes them.
   grouped = np.argsort(features.bucket_index(tokens, buckets), kind='stable').reshape(
@@ -267,7 +267,7 @@ def cider_workload(config, options: Options) -> tuple[Workload, dict[str, float]
   tables, device_candidates = jax.device_put(scorer.tables), jax.device_put(candidates)
   score = jax.jit(rewards.scores)
   workload = Workload([functools.partial(score, tables, gathered, device_candidates)], 1,
-                      0.0)  # No matrix products: no MFU (main).
+                      0.0)  # No matrix products: no MFU (run).
   extra = {'references_per_image': _REFERENCES_PER_IMAGE}
   try:
     from pycocoevalcap.cider import cider_scorer
@@ -294,10 +294,10 @@ def scst_workload(config, mesh, options: Options) -> tuple[Workload, dict[str, f
   references = _synthetic_references(num_images, config.data.max_len, vocab_size)
   scorer = rewards.CiderD.from_padded(references, np.full(num_images, _REFERENCES_PER_IMAGE),
                                       vocab_size)
-  embedding = np.random.default_rng(1).normal(
-      size=(num_images, *features_shape(config, options))).astype(np.float32)
+  shape = features_shape(config, options)
+  embedding = np.random.default_rng(1).normal(size=(num_images, *shape)).astype(np.float32)
   model = captioner.create_model(config.model, vocab_size)
-  state = state_lib.initial_decoder_state(config, model, mesh, features_shape(config, options))
+  state = state_lib.initial_decoder_state(config, model, mesh, shape)
   data = scst.place(embedding, scorer.references, mesh, captioner.DTYPES[config.model.dtype])
   tables = jax.device_put(scorer.tables, parallel.replicated(mesh))
   # FLOPs of one step, on the data the trainer trains on.
@@ -321,10 +321,10 @@ def scst_workload(config, mesh, options: Options) -> tuple[Workload, dict[str, f
 
 
 def checkpoint_stall(config, mesh, options: Options) -> dict[str, Any]:
-  """Seconds a checkpoint adds to a loop of --steps train steps (at least one checkpoint's
-  worth) that saves every --checkpoint_every steps, with the loop's finite-loss check (a device
-  sync) at each save point in every variant; the variants are interleaved, --checkpoint_rounds
-  times, and the faster of each is kept."""
+  """Seconds a checkpoint adds to a loop of `options.steps` train steps (at least one
+  checkpoint's worth) that saves every `options.checkpoint_every` steps, with the loop's
+  finite-loss check (a device sync) at each save point in every variant; the variants are
+  interleaved, `options.checkpoint_rounds` times, and the faster of each is kept."""
   batch_size, vocab_size = config.batch_size, options.vocab_size
   model = captioner.create_model(config.model, vocab_size)
   batch = synthetic_image_batch(
@@ -378,7 +378,7 @@ def checkpoint_stall(config, mesh, options: Options) -> dict[str, Any]:
 
 def pipeline_workload(config, options: Options) -> tuple[Workload, dict[str, Any]]:
   """The training input pipeline alone (TensorFlow is imported here only): the dataset is
-  built or found as training would, the tokenizer kept in --workdir."""
+  built or found as training would, the tokenizer kept in `options.workdir`."""
   from jaxcap.data import prepare
   workdir = options.workdir or tempfile.mkdtemp(prefix='jaxcap_benchmark_')
   extra = {'cpu_cores': len(os.sched_getaffinity(0)), 'image_size': config.data.image_size,
