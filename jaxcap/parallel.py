@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Mapping
+import glob
 import itertools
+import logging
 import os
+import shutil
 
 import jax
 from jax.sharding import Mesh
@@ -80,6 +83,42 @@ def make_mesh(devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# What an accelerator leaves on a host without JAX's plugin for it, and the setup.cfg extra
+# that installs that plugin.
+_ACCELERATOR_SIGNS = {
+    'an NVIDIA GPU': (('nvidia-smi',), ('/dev/nvidia0',), 'cuda12'),
+    'a TPU': ((), ('/dev/accel0', '/dev/vfio/0'), 'tpu'),
+}
+
+
+def unused_accelerator(dev: str = '/dev') -> tuple[str, str] | None:
+  """(what, extra) for an accelerator this host has that JAX does not use (its backend is the
+  CPU), else None. `dev` stands for /dev in tests."""
+  if jax.default_backend() != 'cpu':
+    return None
+  for what, (programs, paths, extra) in _ACCELERATOR_SIGNS.items():
+    paths = [os.path.join(dev, os.path.relpath(p, '/dev')) for p in paths]
+    if any(shutil.which(p) for p in programs) or any(glob.glob(p) for p in paths):
+      return what, extra
+  return None
+
+
+def log_devices(mesh: Mesh, dev: str = '/dev') -> None:
+  """Logs the backend, the devices and the mesh; warns when JAX runs on the CPU of a host with
+  an accelerator (jaxcap installed without its extra)."""
+  devices = mesh.devices.flat
+  kinds = sorted({d.device_kind for d in devices})
+  logging.info('JAX %s on %s: %d device(s) (%s) over %d process(es); mesh %s', jax.__version__,
+               jax.default_backend(), mesh.size, ', '.join(kinds), jax.process_count(),
+               dict(mesh.shape))
+  unused = unused_accelerator(dev)
+  if unused:
+    what, extra = unused
+    logging.warning(
+        'This host has %s but JAX runs on the CPU: install jaxcap with the accelerator extra, '
+        "`pip install -e '.[%s]'` (README, Quick start), and run again.", what, extra)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -114,6 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if is_chief:
     workdir_lib.write_config(workdir, config)
   mesh = parallel.make_mesh()
+  parallel.log_devices(mesh)
   parallel.check_batch_size(config.batch_size, mesh)
   last_step = config.num_train_steps
 

@@ -54,3 +54,50 @@ def test_compiler_options_only_for_the_cpu():
   assert parallel.compiler_options('gpu') == {}
   assert parallel.compiler_options('cuda') == {}
   assert parallel.compiler_options('tpu') == {}
+
+
+def test_extras_install_jaxs_accelerator_packages_at_the_required_version():
+  """Each accelerator extra is jax[EXTRA] with the base requirement's version range, and EXTRA
+  is an extra of the installed jax (its metadata names what that extra pulls)."""
+  import configparser
+  import importlib.metadata
+  import pathlib
+
+  from packaging.requirements import Requirement
+
+  setup = configparser.ConfigParser()
+  setup.read(pathlib.Path(__file__).resolve().parents[1] / 'setup.cfg')
+  base = [Requirement(line) for line in setup['options']['install_requires'].splitlines()
+          if line.strip().startswith('jax>')]
+  assert len(base) == 1, base
+  jax_extras = {r.split('extra == ')[1].strip('"\'')
+                for r in importlib.metadata.requires('jax') if 'extra == ' in r}
+  extras = setup['options.extras_require']
+  for name in ('cuda12', 'cuda13', 'tpu'):
+    requirements = [Requirement(line) for line in extras[name].splitlines() if line.strip()]
+    assert [(r.name, r.extras, r.specifier) for r in requirements] == [
+        ('jax', {name}, base[0].specifier)], (name, requirements)
+    assert name in jax_extras, (name, sorted(jax_extras))
+
+
+def test_a_host_with_an_unused_gpu_is_warned(tmp_path, monkeypatch, caplog):
+  """The run logs its devices; where the host has an NVIDIA GPU (its device file, or
+  nvidia-smi on the PATH) and JAX's backend is the CPU, it warns naming the extra."""
+  mesh = parallel.make_mesh(jax.devices('cpu'))
+  monkeypatch.setenv('PATH', str(tmp_path / 'bin'))
+  caplog.set_level('INFO')
+  parallel.log_devices(mesh, dev=str(tmp_path))
+  assert f'{mesh.size} device(s)' in caplog.text and 'on cpu' in caplog.text
+  assert not [r for r in caplog.records if r.levelname == 'WARNING']
+  (tmp_path / 'nvidia0').touch()
+  parallel.log_devices(mesh, dev=str(tmp_path))
+  warning, = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert 'NVIDIA GPU' in warning and "'.[cuda12]'" in warning, warning
+  (tmp_path / 'nvidia0').unlink()
+  (tmp_path / 'bin').mkdir()
+  (tmp_path / 'bin' / 'nvidia-smi').write_text('#!/bin/sh\n')
+  (tmp_path / 'bin' / 'nvidia-smi').chmod(0o755)
+  assert parallel.unused_accelerator(dev=str(tmp_path)) == ('an NVIDIA GPU', 'cuda12')
+  (tmp_path / 'bin' / 'nvidia-smi').unlink()
+  (tmp_path / 'accel0').touch()
+  assert parallel.unused_accelerator(dev=str(tmp_path)) == ('a TPU', 'tpu')
