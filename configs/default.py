@@ -24,8 +24,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.eval_every_steps = 2_000
   config.checkpoint_every_steps = 1_000
-  # Checkpoints kept in WORKDIR/checkpoints; older ones are deleted.
+  # Checkpoints kept in WORKDIR/checkpoints; older ones are deleted, but for the best one.
   config.keep_checkpoints = 3
+  # The best checkpoint: every evaluation step is checkpointed with the validation split's
+  # (data.eval_splits[0]) metrics, and the one that scored best on `metric` ('max': highest,
+  # 'min': lowest) is kept besides the latest. The final report scores the other eval splits
+  # on it; evaluate.py, caption.py, serve.py, export.py and scst.init_from load it by default.
+  # metric=None: no best is kept, and they load the latest.
+  config.best_checkpoint = ml_collections.ConfigDict({
+      'metric': ml_collections.FieldReference('cider', field_type=str), 'mode': 'max'})
 
   config.data = data = ml_collections.ConfigDict()
   # A tfds dataset with the features of `coco_captions`; 'shapes_captions' is built in.
@@ -183,9 +190,12 @@ def get_config() -> ml_collections.ConfigDict:
   # with the policy gradient of its sampled captions' CIDEr-D, computed on the device, on cached
   # features (model.train_encoder=False), resident.steps_per_call steps per call;
   # config.batch_size counts images, each with num_samples sampled captions.
-  # Workdir of the cross-entropy run to start from: its latest checkpoint (the encoder stays at
+  # Workdir of the cross-entropy run to start from: a checkpoint of it (the encoder stays at
   # its weights) and its tokenizer. The model fields must be the same as that run's.
   scst.init_from = ml_collections.config_dict.placeholder(str)
+  # Its checkpoint to start from: 'best', 'latest' or a step number; None: its best where one
+  # is recorded (config.best_checkpoint), else its latest.
+  scst.init_from_step = ml_collections.config_dict.placeholder(str)
   # Captions sampled per image and step.
   scst.num_samples = 5
   # 'mean_of_others': each sample's baseline is the mean reward of the image's other samples;

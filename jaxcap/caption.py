@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
+import concurrent.futures
+import json
 import os
 import re
 
@@ -59,32 +62,101 @@ def _reason(error: Exception, path: str) -> str:
   return f'{type(error).__name__}: {message}'
 
 
-def caption_paths(trained: predict.Trained, paths: Iterable[str]) -> list[tuple[str, dict]]:
+def _load(path: str, image_size: int) -> np.ndarray | str:
+  """The model input of `path`, or the error message of a file that is not a whole image."""
+  try:
+    return load_image(path, image_size)
+  except (OSError, ValueError) as error:
+    return f'not a readable image ({_reason(error, path)})'
+
+
+def caption_stream(trained: predict.Trained, paths: Sequence[str], *,
+                   threads: int | None = None) -> Iterator[tuple[str, dict]]:
   """(path, {'caption': text, 'log_prob': the model's log-probability of it} or
-  {'error': message}) for each path, in order. A decoder that attends adds 'tokens' (the
-  generated pieces, EOS as '</s>'), 'attention' (an H x W list of weights per token) and 'grid'
-  ([H, W])."""
+  {'error': message}) for each path, in order, a batch at a time: the next batch is read and
+  decoded (`threads` threads) while the devices caption this one, so memory holds two batches
+  whatever the number of paths. A decoder that attends adds 'tokens' (the generated pieces, EOS
+  as '</s>'), 'attention' (an H x W list of weights per token) and 'grid' ([H, W])."""
   config, mesh = trained.config, trained.mesh
-  results: dict[str, dict] = {}
-  loaded: list[tuple[str, np.ndarray]] = []
-  paths = list(paths)
-  for path in paths:
-    try:
-      loaded.append((path, load_image(path, config.data.image_size)))
-    except (OSError, ValueError) as error:
-      results[path] = {'error': f'not a readable image ({_reason(error, path)})'}
-  # One batch shape: all images up to eval.batch_size, rounded up to fill every device.
-  batch_size = min(config.eval.batch_size, -(-max(len(loaded), 1) // mesh.size) * mesh.size)
-  predictor = predict.Predictor(config, mesh, (batch_size,))
+  if not paths:
+    return
+  # Batch shapes: up to eval.batch_size, rounded up to fill every device; a short last batch
+  # is padded to the next of predict.batch_sizes.
+  largest = min(config.eval.batch_size, -(-len(paths) // mesh.size) * mesh.size)
+  predictor = predict.Predictor(config, mesh, predict.batch_sizes(largest, mesh.size))
   grid = trained.attention_grid
-  for start in range(0, len(loaded), batch_size):
-    chunk = loaded[start:start + batch_size]
-    outputs = predictor(trained.state, np.stack([image for _, image in chunk]))
-    texts = trained.tokenizer.decode(outputs['ids'])
-    for i, ((path, _), text) in enumerate(zip(chunk, texts)):
-      results[path] = {'caption': text, 'log_prob': float(outputs['log_probs'][i])}
-      if grid is not None:
-        maps = attention_maps.token_maps(trained.tokenizer, outputs['ids'][i],
-                                         outputs['attention'][i], grid)
-        results[path].update(tokens=maps.tokens, attention=maps.maps.tolist(), grid=list(grid))
-  return [(path, results[path]) for path in paths]
+  batches = [paths[i:i + largest] for i in range(0, len(paths), largest)]
+  with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+    load = lambda batch: list(pool.map(lambda p: _load(p, config.data.image_size), batch))
+    pending = pool.submit(load, batches[0])
+    for number, batch in enumerate(batches):
+      loaded = pending.result()
+      if number + 1 < len(batches):  # Read the next batch while this one is captioned.
+        pending = pool.submit(load, batches[number + 1])
+      images = [image for image in loaded if not isinstance(image, str)]
+      outputs = predictor(trained.state, np.stack(images)) if images else {}
+      texts = iter(trained.tokenizer.decode(outputs['ids']) if images else ())
+      row = 0
+      for path, image in zip(batch, loaded):
+        if isinstance(image, str):
+          yield path, {'error': image}
+          continue
+        result = {'caption': next(texts), 'log_prob': float(outputs['log_probs'][row])}
+        if grid is not None:
+          maps = attention_maps.token_maps(trained.tokenizer, outputs['ids'][row],
+                                           outputs['attention'][row], grid)
+          result.update(tokens=maps.tokens, attention=maps.maps.tolist(), grid=list(grid))
+        row += 1
+        yield path, result
+
+
+def caption_paths(trained: predict.Trained, paths: Iterable[str]) -> list[tuple[str, dict]]:
+  """`caption_stream`'s results as a list (a few images)."""
+  return list(caption_stream(trained, list(paths)))
+
+
+OUTPUT_FORMATS = ('tsv', 'jsonl')
+
+
+def output_format(path: str) -> str:
+  """'jsonl' for a .jsonl or .json file, else 'tsv'."""
+  return 'jsonl' if path.endswith(('.jsonl', '.json')) else 'tsv'
+
+
+def done_paths(output: str) -> set[str]:
+  """The paths an earlier run already wrote captions of to `output` (nothing if it is new).
+  A line cut short by an interruption is not counted: that image is captioned again."""
+  if not os.path.exists(output):
+    return set()
+  done = set()
+  with open(output, encoding='utf-8') as f:
+    for line in f:
+      if not line.endswith('\n'):
+        break
+      if output_format(output) == 'jsonl':
+        try:
+          done.add(json.loads(line)['path'])
+        except (ValueError, KeyError, TypeError):
+          raise ValueError(f'{output}: not a JSON-lines file of captions (a line reads '
+                           f'{line[:80]!r}); give another --output') from None
+      elif '\t' in line:
+        done.add(line.split('\t', 1)[0])
+  return done
+
+
+def open_output(output: str):
+  """`output` opened to append lines, a last line cut short by an interruption removed first
+  (`done_paths` did not count it)."""
+  if os.path.exists(output):
+    with open(output, 'rb+') as f:
+      data = f.read()
+      if data and not data.endswith(b'\n'):
+        f.truncate(data.rfind(b'\n') + 1)
+  return open(output, 'a', encoding='utf-8')
+
+
+def output_line(path: str, result: dict, format_: str) -> str:
+  """One image's line of an output file (ends with a newline)."""
+  if format_ == 'jsonl':
+    return json.dumps({'path': path, **result}) + '\n'
+  return f'{path}\t{result["caption"]}\n'

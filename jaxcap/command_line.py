@@ -86,3 +86,23 @@ def define_config_flag(name: str = 'config', help_string: str = 'Configuration f
   flags.register_validator(name, lambda _: _check_none_only_for_placeholders(name, flag_values),
                            flag_values=flag_values)
   return holder
+
+
+def define_step_flag(flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
+  """`--step`: which checkpoint of a workdir a script loads (`checkpoint.choose_step`)."""
+  from jaxcap import checkpoint  # Only the scripts that load a checkpoint need it.
+
+  def valid(value):
+    try:
+      checkpoint.parse_step(value)
+    except ValueError:
+      return False
+    return True
+
+  holder = flags.DEFINE_string(
+      'step', None, "Checkpoint: 'best' (the best validation score, config.best_checkpoint), "
+      "'latest' or a step number (default: the best where one is recorded, else the latest).",
+      flag_values=flag_values)
+  flags.register_validator('step', valid, "--step: give best, latest or a step number",
+                           flag_values=flag_values)
+  return holder

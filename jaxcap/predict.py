@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence
 import dataclasses
+import logging
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +33,8 @@ class Trained:
   tokenizer: tokenizer_lib.Tokenizer
   state: state_lib.TrainState
   mesh: jax.sharding.Mesh
+  # Which checkpoint this is and how it was chosen ('step 400, the best by validation cider').
+  checkpoint: str = ''
 
   @property
   def attention_grid(self) -> tuple[int, int] | None:
@@ -47,12 +51,14 @@ def attention_grid(config: ml_collections.ConfigDict,
 
 def init_from_state(config: ml_collections.ConfigDict,
                     template: state_lib.TrainState) -> state_lib.TrainState:
-  """`template` (this config's initial full state) with the model of the latest checkpoint of
-  `config.scst.init_from`: where self-critical training starts, and where its encoder comes
-  from. The optimizer state and step stay the template's (a fresh start)."""
+  """`template` (this config's initial full state) with the model of `config.scst.init_from`'s
+  checkpoint `config.scst.init_from_step` (default: its best, else its latest): where
+  self-critical training starts, and where its encoder comes from. The optimizer state and
+  step stay the template's (a fresh start)."""
   init_from = workdir_lib.check_is_workdir(config.scst.init_from, 'config.scst.init_from')
-  return state_lib.with_model_of(template, restore(init_from).state,
-                                 f'config.scst.init_from={init_from}')
+  trained = restore(init_from, config.scst.init_from_step)
+  logging.info('Self-critical training starts from %s: %s', init_from, trained.checkpoint)
+  return state_lib.with_model_of(template, trained.state, f'config.scst.init_from={init_from}')
 
 
 def full_model_state(config: ml_collections.ConfigDict, model: nn.Module,
@@ -65,45 +71,48 @@ def full_model_state(config: ml_collections.ConfigDict, model: nn.Module,
   return full_state
 
 
-def restore(workdir: str, step: int | None = None) -> Trained:
-  """The latest checkpoint (or `step`) of a workdir, replicated over all devices.
+def restore(workdir: str, step: str | int | None = None) -> Trained:
+  """A workdir's checkpoint `step`, replicated over all devices: 'best' (its best validation
+  score), 'latest', a step number, or None (the best where one is recorded, else the latest).
 
   A run trained on cached features checkpoints the decoder alone: its encoder comes from
   `config.model.encoder_weights` (or the seeded initialisation the cache was made with), or,
   for self-critical training, from `config.scst.init_from`'s checkpoint.
   """
   config = workdir_lib.load_config(workdir)
-  tokenizer = tokenizer_lib.Tokenizer.load(workdir_lib.tokenizer_path(workdir))
-  mesh = parallel.make_mesh()
-  model = captioner.create_model(config.model, tokenizer.vocab_size)
-  on_features = trainers.on_features(config)
-  if on_features:  # The checkpoint holds the decoder; the encoder is built here.
-    full_state = full_model_state(config, model, mesh,
-                                  captioner.load_encoder_weights(config.model))
-    template = state_lib.initial_decoder_state(config, model, mesh,
-                                               state_lib.features_shape(config, full_state))
-  else:  # A full checkpoint holds everything: nothing to initialise (InceptionV3's is slow).
-    template = state_lib.abstract_state(config, model, mesh)
-  manager = checkpoint.create_manager(workdir, config.keep_checkpoints)
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'{workdir}: no checkpoint to restore')
-  if step is not None and step not in steps:
-    raise ValueError(f'{workdir}: no checkpoint of step {step}; there are {sorted(steps)}')
-  state = checkpoint.restore(manager, template, steps[-1] if step is None else step)
-  manager.close()
+  best = checkpoint.best_of(config)
+  manager = checkpoint.create_manager(workdir, config.keep_checkpoints, best)
+  try:
+    step, chosen = checkpoint.choose_step(manager, best, step, workdir)
+    tokenizer = tokenizer_lib.Tokenizer.load(workdir_lib.tokenizer_path(workdir))
+    mesh = parallel.make_mesh()
+    model = captioner.create_model(config.model, tokenizer.vocab_size)
+    on_features = trainers.on_features(config)
+    if on_features:  # The checkpoint holds the decoder; the encoder is built here.
+      full_state = full_model_state(config, model, mesh,
+                                    captioner.load_encoder_weights(config.model))
+      template = state_lib.initial_decoder_state(config, model, mesh,
+                                                 state_lib.features_shape(config, full_state))
+    else:  # A full checkpoint holds everything: nothing to initialise (InceptionV3's is slow).
+      template = state_lib.abstract_state(config, model, mesh)
+    state = checkpoint.restore(manager, template, step)
+  finally:
+    manager.close()
   if on_features:
     state = state_lib.with_trained_decoder(full_state, state).replace(step=state.step)
-  return Trained(config, tokenizer, state, mesh)
+  return Trained(config, tokenizer, state, mesh, chosen)
 
 
-def restore_or_exit(workdir: str, step: int | None = None) -> Trained:
+def restore_or_exit(workdir: str, step: str | int | None = None) -> Trained:
   """`restore` for scripts: a folder that is not a trained workdir, or a step it does not
-  hold, ends the program with the message (exit code 1) instead of a traceback."""
+  hold, ends the program with the message (exit code 1) instead of a traceback; the checkpoint
+  loaded is named on stderr."""
   try:
-    return restore(workdir, step)
+    trained = restore(workdir, step)
   except (FileNotFoundError, ValueError) as error:
     raise SystemExit(str(error)) from None
+  print(f'{workdir}: checkpoint {trained.checkpoint}', file=sys.stderr)
+  return trained
 
 
 CaptionFn = Callable[[Callable, Any, jax.Array], dict[str, jax.Array]]

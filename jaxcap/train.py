@@ -77,7 +77,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
                                                 config.data.max_len)
   model = captioner.create_model(config.model, prepared.tokenizer.vocab_size)
   full_state = predict.full_model_state(config, model, mesh, encoder_weights)
-  checkpoints = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
+  checkpoints = checkpoint.Checkpoints(workdir, config.keep_checkpoints,
+                                      checkpoint.best_of(config))
   if encoder_weights is not None:
     logging.info('Encoder weights from %s', config.model.encoder_weights)
 
@@ -144,24 +145,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     summary = _train_summary({k: np.concatenate([m[k] for m in fetched]) for k in fetched[0]})
     writer.write_scalars(step, {**summary, 'learning_rate': float(schedule(step - 1))})
 
+  eval_steps = _every(config.eval_every_steps, last_step)
+  # The first eval split validates (and chooses the best checkpoint); the others are reported.
+  validation_split, *report_splits = config.data.eval_splits or (None,)
+
+  def evaluate_split(scored_state, split: str, step: int, **more: float) -> dict[str, float]:
+    """Scores `split`, logs it (and `more`) at `step` and writes its captions (named by the
+    scored state's step)."""
+    with progress.timed('eval', wait_jax_async_dispatch=False):
+      result = evaluator(trainer.full_state(scored_state), split)
+    evaluate.log_examples(result, evaluator.references(split), config.eval.num_printed_examples)
+    if is_chief:
+      evaluate.write_results_file(
+          workdir_lib.captions_path(workdir, split, int(scored_state.step)), result.generated)
+    results[split] = {**result.metrics, **more}
+    writer.write_scalars(step, {f'{split}/{k}': v for k, v in results[split].items()})
+    return results[split]
+
   def save_checkpoint(step: int, t: float) -> None:
+    """Validates first on evaluation steps: the checkpoint carries its validation metrics."""
     del t
     _raise_if_nonfinite(unchecked_finite, checkpoints.manager)  # Never checkpoint NaN parameters.
+    validate = step in eval_steps and validation_split is not None
+    metrics = evaluate_split(state, validation_split, step) if validate else None
     with progress.timed('checkpoint', wait_jax_async_dispatch=False):
-      checkpoints.save(state, force=step == last_step)
+      checkpoints.save(state, force=step == last_step, metrics=metrics)
+    best = checkpoints.best
+    if metrics is not None and best is not None and best[0] not in metrics:
+      raise ValueError(f'config.best_checkpoint.metric={best[0]!r} is not a metric of the '
+                       f'validation split ({", ".join(sorted(metrics))}); the checkpoint of step '
+                       f'{step} is saved')
+    if step == last_step:
+      final_report(step)
 
-  def run_evaluation(step: int, t: float) -> None:
-    del t
-    splits = config.data.eval_splits if step == last_step else config.data.eval_splits[:1]
-    with progress.timed('eval', wait_jax_async_dispatch=False):
-      for split in splits:
-        result = evaluator(trainer.full_state(state), split)
-        evaluate.log_examples(result, evaluator.references(split), config.eval.num_printed_examples)
-        if is_chief:
-          evaluate.write_results_file(
-              workdir_lib.captions_path(workdir, split, step), result.generated)
-        writer.write_scalars(step, {f'{split}/{k}': v for k, v in result.metrics.items()})
-        results[split] = result.metrics
+  def final_report(step: int) -> None:
+    """The other eval splits, scored on the best checkpoint (the last state where none is
+    recorded), logged at the last step with the step they scored as `checkpoint_step`."""
+    if not report_splits:
+      return
+    checkpoints.wait()
+    best_step = checkpoints.best_step()
+    scored_state = state if best_step in (None, step) else checkpoints.restore(state, best_step)
+    scored_step = int(scored_state.step)
+    logging.info('Final report: %s scored on the checkpoint of step %d (%s)',
+                 ', '.join(report_splits), scored_step,
+                 'the last step' if best_step is None else
+                 f'the best by {validation_split} {checkpoints.best[0]}')
+    for split in report_splits:
+      evaluate_split(scored_state, split, step, checkpoint_step=scored_step)
 
   # Progress: steps/s, examples/s and the ETA, with the time evaluations and checkpoints take.
   log_steps = _every(config.log_every_steps, last_step)
@@ -171,10 +202,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       # First: fetching the metrics waits for the steps, so progress times finished steps.
       periodic_actions.PeriodicCallback(on_steps=log_steps, callback_fn=log_train_metrics),
       progress,
+      # Every evaluation step is a checkpoint step (its metrics choose the best checkpoint).
       periodic_actions.PeriodicCallback(
-          on_steps=_every(config.checkpoint_every_steps, last_step), callback_fn=save_checkpoint),
-      periodic_actions.PeriodicCallback(
-          on_steps=_every(config.eval_every_steps, last_step), callback_fn=run_evaluation),
+          on_steps=_every(config.checkpoint_every_steps, last_step) | eval_steps,
+          callback_fn=save_checkpoint),
   ]
 
   logging.info('Training steps %d to %d, global batch %d on %d devices', start_step + 1,
@@ -195,8 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        time.perf_counter() - call_start)
         if preemption_watch.reached_stop(range(step + 1, step + num_steps + 1)):
           step += num_steps
-          log_train_metrics(step, 0.0)
-          save_checkpoint(step, 0.0)
+          log_train_metrics(step, 0.0)  # Checks the steps are finite first.
+          checkpoints.save(state)  # No evaluation: the time left is short.
           checkpoints.wait()
           logging.warning('SIGTERM: saved the checkpoint of step %d in %s; stopping', step, workdir)
           break

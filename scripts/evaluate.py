@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 
 from jaxcap import caption
+from jaxcap import command_line
 from jaxcap import evaluate
 from jaxcap import host_memory
 from jaxcap import predict
@@ -24,7 +25,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir.')
 flags.mark_flag_as_required('workdir')
 flags.DEFINE_string('split', 'test', 'Split to evaluate.')
-flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+command_line.define_step_flag()
 flags.DEFINE_integer('beam', None, "Beam size (default: the config's decoding method).")
 flags.DEFINE_float('length_penalty', None, 'Beam ranking: log-probability / length ** this.')
 flags.DEFINE_bool('gallery', False, 'Also write an HTML page of images, captions and scores.')

@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 
 from jaxcap import caption
+from jaxcap import command_line
 from jaxcap import evaluate
 from jaxcap import export
 from jaxcap import predict
@@ -22,7 +23,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir.')
 flags.DEFINE_string('output', None, 'SavedModel directory to write (replaced if it exists).')
 flags.mark_flags_as_required(['workdir', 'output'])
-flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+command_line.define_step_flag()
 flags.DEFINE_integer('beam', None, "Beam size (default: the config's decoding method).")
 flags.DEFINE_bool('greedy', False, "Greedy decoding, whatever the config's method.")
 flags.DEFINE_integer('batch_size', 8, 'The SavedModel runs the model on chunks of this many '

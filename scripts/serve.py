@@ -12,6 +12,7 @@ import logging as std_logging
 from absl import app
 from absl import flags
 
+from jaxcap import command_line
 from jaxcap import host_memory
 from jaxcap import predict
 from jaxcap import serve
@@ -21,7 +22,7 @@ flags.DEFINE_string('workdir', None, 'Training workdir.')
 flags.mark_flag_as_required('workdir')
 flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on (0.0.0.0: every interface).')
 flags.DEFINE_integer('port', 8080, 'Port to listen on.')
-flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+command_line.define_step_flag()
 flags.DEFINE_integer('batch_size', None, 'Most images per model call (default: eval.batch_size).')
 flags.DEFINE_integer('beam', None, "Beam size of the hypotheses (default: the config's).")
 flags.DEFINE_integer('max_bytes', serve.Limits.max_bytes, 'Largest image file accepted.')
