@@ -152,8 +152,11 @@ def evaluate_split(
              'num_images': len(generated),
              'captions_per_sec': len(generated) / max(elapsed, 1e-9)}
   refs = {i: references[i] for i in generated}
+  start = time.perf_counter()
   scores, cider_d = score_captions(refs, generated)
   metrics.update(scores)
+  logging.info('%d captions decoded in %.1f s, scored by pycocoevalcap in %.1f s', len(generated),
+               elapsed, time.perf_counter() - start)
   ids = sorted(generated)
   for name, metric in scene_metrics.items():
     metrics[name] = metric([generated[i] for i in ids], [refs[i] for i in ids])

@@ -47,9 +47,10 @@ def test_train_batches(config, prepared):
   batches = list(ds.take(20).as_numpy_iterator())  # 160 rows: more than two epochs of 64.
   batch = batches[0]
   assert set(batch) == {'image', 'tokens'}
-  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.float32
+  # uint8 pixels (scaled on the device), not all alike.
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
   assert batch['tokens'].shape == (8, 24) and batch['tokens'].dtype == np.int32
-  assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
+  assert batch['image'].std() > 10
   tokens = np.concatenate([b['tokens'] for b in batches])
   assert (tokens[:, 0] == tokenizer_lib.BOS_ID).all()
   lengths = (tokens != tokenizer_lib.PAD_ID).sum(1)
@@ -148,3 +149,58 @@ def test_a_workdir_config_from_before_the_file_fields_still_builds(config, tmp_p
   config = workdir_lib.load_config(str(tmp_path))
   builder = sources.get_builder(config.data)
   assert builder.name == 'shapes_captions' and builder.info.splits['test'].num_examples == 12
+
+
+@pytest.mark.parametrize('size', [(480, 640), (500, 375), (299, 299)])
+def test_training_pixels_are_evaluations_within_rounding(size):
+  """The training stream decodes a JPEG's square alone and ships uint8: scaled as the model
+  scales it, each pixel is the evaluation path's (whole decode, crop, resize, scale) within
+  half a level; a random window decodes exactly the whole decoding's pixels; PNGs alike."""
+  import io
+
+  from PIL import Image
+
+  from jaxcap.data import coco_like
+  rng = np.random.default_rng(size[0])
+  jpeg = coco_like._jpeg(rng, size[1], size[0], 90)
+  png = io.BytesIO()
+  Image.open(io.BytesIO(jpeg)).save(png, format='PNG')
+  for encoded in (jpeg, png.getvalue()):
+    evaluation = preprocess_lib.decode_and_preprocess(encoded, 299).numpy()
+    square = preprocess_lib.training_square()(tf.constant(0, tf.int64),
+                                              {'image': tf.constant(encoded)})
+    _, features = preprocess_lib.training_resize(299)(*square)
+    shipped = features['image'].numpy()
+    assert shipped.dtype == np.uint8 and shipped.shape == (299, 299, 3)
+    scaled = np.asarray(captioner_scale(shipped))
+    np.testing.assert_allclose(scaled, evaluation, atol=0.5 / 127.5 + 1e-6, rtol=0)
+    assert np.abs(scaled - evaluation).mean() < 0.3 / 127.5
+    whole = tf.io.decode_image(encoded, channels=3).numpy()
+    for seed in range(4):
+      window = preprocess_lib.random_square(tf.shape(whole), tf.constant([seed, 7], tf.int64),
+                                            0.3).numpy()
+      top, left, side, _ = window
+      np.testing.assert_array_equal(
+          preprocess_lib.decode_window(tf.constant(encoded), lambda _, w=window: w).numpy(),
+          whole[top:top + side, left:left + side])
+
+
+def captioner_scale(pixels):
+  """What the model does to the stream's uint8 images (`Captioner.encode`)."""
+  import jax.numpy as jnp
+
+  from jaxcap.models import captioner
+  from tests.conftest import tiny_config
+  config = tiny_config('unused')
+  config.model.encoder = 'zeros'
+  seen = []
+
+  class Spy(captioner.Captioner):
+    pass
+  model = captioner.create_model(config.model, 16)
+
+  def encoder(images, train=False):
+    seen.append(images)
+    return jnp.zeros((images.shape[0], 4))
+  Spy(encoder=encoder, decoder=model.decoder).apply({}, jnp.asarray(pixels)[None], method='encode')
+  return seen[0][0]

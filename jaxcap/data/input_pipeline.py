@@ -87,28 +87,23 @@ def shard_stream(builder: tfds.core.DatasetBuilder,
                           decoders={'image': tfds.decode.SkipDecoding()})
   ds = ds.map(keep('image', 'image/id'), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(table.lookup_fn(), num_parallel_calls=tf.data.AUTOTUNE)
-  decoded = data_config.cache_images
-  if decoded:
-    ds = ds.map(_decode_image(builder), num_parallel_calls=tf.data.AUTOTUNE)
-    if not data_config.augment:  # Deterministic preprocessing: done once, then cached.
-      ds = ds.map(
-          preprocess_lib.preprocess_image(data_config.image_size),
-          num_parallel_calls=tf.data.AUTOTUNE)
+  # Images become uint8 squares at image_size: an encoded JPEG decodes only its square. Cached:
+  # decoded once (whole, for random squares; else the resized square).
+  square = preprocess_lib.training_square(seed if data_config.augment else None,
+                                          data_config.augment_min_crop_fraction)
+  resize = preprocess_lib.training_resize(data_config.image_size)
+  prepare = lambda ds: ds.map(square, num_parallel_calls=tf.data.AUTOTUNE).map(
+      resize, num_parallel_calls=tf.data.AUTOTUNE)
+  if data_config.cache_images:
+    if data_config.augment:
+      ds = ds.map(_decode_image(builder), num_parallel_calls=tf.data.AUTOTUNE)
+    else:  # Deterministic: done once, then cached.
+      ds = prepare(ds.enumerate()).map(lambda index, features: features)
     ds = ds.cache()
   ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.repeat().enumerate().skip(start)
-  if not decoded:
-    ds = ds.map(lambda index, features: (index, _decode_image(builder)(features)),
-                num_parallel_calls=tf.data.AUTOTUNE)
-  if data_config.augment:
-    ds = ds.map(
-        preprocess_lib.augment_image(data_config.image_size, seed,
-                                     data_config.augment_min_crop_fraction),
-        num_parallel_calls=tf.data.AUTOTUNE)
-  elif not decoded:
-    preprocess = preprocess_lib.preprocess_image(data_config.image_size)
-    ds = ds.map(
-        lambda index, features: (index, preprocess(features)), num_parallel_calls=tf.data.AUTOTUNE)
+  if data_config.augment or not data_config.cache_images:
+    ds = prepare(ds)
   return ds.map(pick_caption(seed), num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -116,7 +111,7 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split: str, table: captions
                   data_config: ml_collections.ConfigDict, *, batch_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0,
                   process_count: int = 1) -> tf.data.Dataset:
-  """Endless shuffled batches {'image': (B, H, W, 3) f32, 'tokens': (B, L) i32} of this process,
+  """Endless shuffled batches {'image': (B, H, W, 3) uint8, 'tokens': (B, L) i32} of this process,
   from global step `start_step` on.
 
   The split is cut into `data_config.input_shards` shards (0: one per process); each shard is

@@ -33,8 +33,11 @@ class Captioner(nn.Module):
   train_encoder: bool = True
 
   def encode(self, images: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    """(B, H, W, 3) images in [-1, 1] -> float32 image features: (B, D) embeddings, or (B, H',
-    W', C) grids for a decoder that attends."""
+    """(B, H, W, 3) images in [-1, 1], or uint8 pixels (the training stream's, scaled here on
+    the device as `preprocess.scale_image` would) -> float32 image features: (B, D) embeddings,
+    or (B, H', W', C) grids for a decoder that attends."""
+    if images.dtype == jnp.uint8:
+      images = images.astype(jnp.float32) / 127.5 - 1.0
     embedding = self.encoder(images, train=train and self.train_encoder)
     return embedding if self.train_encoder else jax.lax.stop_gradient(embedding)
 
