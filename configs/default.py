@@ -214,6 +214,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ev = ml_collections.ConfigDict()
   # Global evaluation batch size (images).
   ev.batch_size = 256
+  # How periodic validation (data.eval_splits[0], every eval_every_steps and at the last step)
+  # scores captions: 'pycocoevalcap' (BLEU-1..4, METEOR, ROUGE-L, CIDEr over words, computed on
+  # the host while the accelerators wait: seconds for 5,000 images) or 'device' (only CIDEr-D
+  # over token ids, `cider_d`, which every evaluation logs). The final report's other splits and
+  # scripts/evaluate.py always have pycocoevalcap's metrics.
+  ev.periodic_metrics = 'pycocoevalcap'
   # Generated captions printed beside their references at each evaluation.
   ev.num_printed_examples = 3
   return config

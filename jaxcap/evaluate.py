@@ -28,6 +28,7 @@ from jaxcap import attention_maps
 from jaxcap import gallery
 from jaxcap import parallel
 from jaxcap import predict
+from jaxcap import rewards
 from jaxcap import train_step as train_step_lib
 from jaxcap import workdir as workdir_lib
 from jaxcap.data import captions as captions_lib
@@ -116,6 +117,24 @@ class SplitResult:
   token_maps: dict[int, attention_maps.TokenMaps] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
+class DeviceCider:
+  """The device CIDEr-D (`rewards.CiderD`, over token ids) of a split's references, and each
+  image id's row in them."""
+  scorer: rewards.CiderD
+  row_of: dict[int, int]
+
+  @classmethod
+  def of(cls, table: captions_lib.TokenTable, vocab_size: int) -> DeviceCider:
+    # Ids after BOS, EOS included: as self-critical training scores its samples.
+    return cls(rewards.CiderD.from_padded(table.tokens[:, :, 1:], table.counts, vocab_size),
+               {int(i): row for row, i in enumerate(table.image_ids)})
+
+  def __call__(self, image_ids: Sequence[int], ids: np.ndarray) -> np.ndarray:
+    """(N,) CIDEr-D of generated ids (N, T) (after BOS) of `image_ids`."""
+    return self.scorer.scores(ids, np.asarray([self.row_of[i] for i in image_ids], np.int64))
+
+
 def evaluate_split(
     batches: Iterable[dict[str, np.ndarray]],
     eval_fn: Callable[[dict[str, np.ndarray]], tuple[dict[str, jax.Array], ...]],
@@ -123,6 +142,8 @@ def evaluate_split(
     references: Mapping[int, Sequence[str]],
     scene_metrics: Mapping[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {},
     attention_grid: Sequence[int] | None = None,
+    device_cider: DeviceCider | None = None,
+    coco_metrics: bool = True,
 ) -> SplitResult:
   """Runs `eval_fn` over a split and scores it.
 
@@ -130,10 +151,13 @@ def evaluate_split(
   process's rows, gathered), so each process scores the whole split. `scene_metrics` are more
   metrics by name, of the generated captions and their references (`scene_metrics_of`). With
   `attention_grid` (H, W), `eval_fn` also returns each caption's attention, kept as token maps.
+  With `device_cider`, the metrics add `cider_d` (token ids, on the device); `coco_metrics`
+  False leaves out pycocoevalcap's (BLEU, METEOR, ROUGE-L, CIDEr: seconds on the host).
   """
   start = time.perf_counter()
   totals = {'loss_sum': 0.0, 'correct': 0.0, 'num_tokens': 0.0}
   generated: dict[int, str] = {}
+  generated_ids: list[np.ndarray] = []
   token_maps: dict[int, attention_maps.TokenMaps] = {}
   for batch in batches:
     sums, tokens, image_ids, mask, *attention = jax.device_get(eval_fn(batch))
@@ -142,6 +166,7 @@ def evaluate_split(
     real = np.asarray(mask) > 0
     ids, rows = np.asarray(image_ids)[real].tolist(), np.asarray(tokens)[real]
     generated.update(zip(ids, tokenizer.decode(rows)))
+    generated_ids.append(rows)
     if attention_grid is not None:
       for image_id, row, weights in zip(ids, rows, np.asarray(attention[0])[real]):
         token_maps[image_id] = attention_maps.token_maps(tokenizer, row, weights, attention_grid)
@@ -152,11 +177,20 @@ def evaluate_split(
              'num_images': len(generated),
              'captions_per_sec': len(generated) / max(elapsed, 1e-9)}
   refs = {i: references[i] for i in generated}
-  start = time.perf_counter()
-  scores, cider_d = score_captions(refs, generated)
-  metrics.update(scores)
-  logging.info('%d captions decoded in %.1f s, scored by pycocoevalcap in %.1f s', len(generated),
-               elapsed, time.perf_counter() - start)
+  cider_d: dict[int, float] = {}
+  if device_cider is not None and generated:
+    start = time.perf_counter()
+    per_image = device_cider(list(generated), np.concatenate(generated_ids))
+    metrics['cider_d'] = float(per_image.mean())
+    cider_d = dict(zip(generated, per_image.tolist()))
+    logging.info('%d captions decoded in %.1f s, scored by the device CIDEr-D in %.2f s',
+                 len(generated), elapsed, time.perf_counter() - start)
+  if coco_metrics:
+    start = time.perf_counter()
+    scores, cider_d = score_captions(refs, generated)
+    metrics.update(scores)
+    logging.info('%d captions decoded in %.1f s, scored by pycocoevalcap in %.1f s',
+                 len(generated), elapsed, time.perf_counter() - start)
   ids = sorted(generated)
   for name, metric in scene_metrics.items():
     metrics[name] = metric([generated[i] for i in ids], [refs[i] for i in ids])
@@ -180,6 +214,24 @@ def scene_metrics_of(data_config: ml_collections.ConfigDict) -> dict[str, Callab
   return metrics
 
 
+PERIODIC_METRICS = ('pycocoevalcap', 'device')
+
+
+def periodic_coco_metrics(config: ml_collections.ConfigDict) -> bool:
+  """Whether periodic validation runs pycocoevalcap (config.eval.periodic_metrics)."""
+  scorer = config.eval.periodic_metrics
+  if scorer not in PERIODIC_METRICS:
+    raise ValueError(f'config.eval.periodic_metrics={scorer!r} is not one of {PERIODIC_METRICS}')
+  return scorer == 'pycocoevalcap'
+
+
+def validation_metric_names(config: ml_collections.ConfigDict) -> set[str]:
+  """The metrics each validation of a run logs (what config.best_checkpoint.metric can name)."""
+  names = {'loss', 'token_accuracy', 'cider_d', 'num_images', 'captions_per_sec',
+           *scene_metrics_of(config.data)}
+  return names | set(_METRIC_KEYS) if periodic_coco_metrics(config) else names
+
+
 class SplitEvaluator:
   """Scores a train state on whole splits of a prepared dataset; training and
   scripts/evaluate.py both use it. References and token tables are read once per split."""
@@ -194,6 +246,7 @@ class SplitEvaluator:
             'sums': train_step_lib.eval_step(state, batch), 'image/id': batch['image/id'],
             'mask': batch['mask']})
     self._splits: dict[str, tuple[dict, captions_lib.TokenTable]] = {}
+    self._device_cider: dict[str, DeviceCider] = {}
 
   def references(self, split: str) -> dict[int, tuple[str, ...]]:
     if split not in self._splits:
@@ -202,9 +255,13 @@ class SplitEvaluator:
       self._splits[split] = (dict(zip(captions.image_ids.tolist(), captions.texts)), table)
     return self._splits[split][0]
 
-  def __call__(self, state: Any, split: str) -> SplitResult:
+  def __call__(self, state: Any, split: str, *, coco_metrics: bool = True) -> SplitResult:
+    """Scores `split`: `cider_d` on the device always, pycocoevalcap's metrics with
+    `coco_metrics`."""
     references = self.references(split)
     table = self._splits[split][1]
+    if split not in self._device_cider:
+      self._device_cider[split] = DeviceCider.of(table, self.tokenizer.vocab_size)
     ds = input_pipeline.eval_dataset(
         self.builder, split, table, self.config.data, batch_size=self.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -217,7 +274,8 @@ class SplitEvaluator:
       attention = (outputs['attention'],) if grid is not None else ()
       return outputs['sums'], outputs['ids'], outputs['image/id'], outputs['mask'], *attention
     return evaluate_split(batches, eval_fn, self.tokenizer, references,
-                          scene_metrics_of(self.config.data), grid)
+                          scene_metrics_of(self.config.data), grid, self._device_cider[split],
+                          coco_metrics)
 
 
 def write_results_file(path: str, generated: Mapping[int, str]) -> None:

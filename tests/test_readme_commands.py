@@ -303,6 +303,10 @@ def plan(command: DocCommand, checkout: Checkout) -> Plan:
     stand_ins.append(f'two of its runs (ONLY={_GPU_RUNS}): the others run benchmark.py\'s '
                      'modes that the commands above run')
     env['PYTHONPATH'] = f'{checkout.no_tensorflow}{os.pathsep}{env.get("PYTHONPATH", "")}'
+  elif program == 'rehearse.py':
+    argv += ['--scale', '0.0003', '--train_steps', '2',
+             *(f'--set={o[2:]}' for o in _TINY_CONFIG if 'num_train_steps' not in o)]
+    stand_ins.append("1/3,000 of COCO's counts and the tests' tiny sizes")
   elif program == 'convert_weights.py':
     if '--keras' in argv and argv[argv.index('--keras') + 1] == 'imagenet':
       stand_ins.append("random-weight Keras file in ~/.keras/models for Keras' ImageNet download")
@@ -451,8 +455,27 @@ def _check_evaluate(p: Plan, result, checkout: Checkout) -> None:
   assert 'scene_accuracy' in metrics and metrics['decode']['method'] == method.rstrip('0123456789')
 
 
+def _check_rehearse(p: Plan, result, checkout: Checkout) -> None:
+  """Every phase ran and was measured, and left what it makes: the final test report on the
+  best checkpoint, self-critical training's log, the gallery, the folder's captions."""
+  workdir = checkout.repo / p.argv[p.argv.index('--workdir') + 1]
+  phases = json.loads((workdir / 'phases.json').read_text())
+  assert len(phases) == 9 and all(ph['seconds'] > 0 for ph in phases), phases
+  assert all(ph['peak_rss_mb'] > 50 for ph in phases[1:]), phases
+  assert all(f'| {ph["name"]} |' in result.stdout for ph in phases), result.stdout
+  for run in ('show_tell', 'updown', 'scst'):
+    records = [json.loads(line) for line in (workdir / run / 'metrics.jsonl').open()]
+    test, = [r for r in records if r['split'] == 'test']
+    assert test['num_images'] >= 1 and 'checkpoint_step' in test, test
+  assert list((workdir / 'show_tell' / 'eval').glob('test_step*_beam3.html'))
+  folder, = workdir.glob('folder_*')
+  lines = (workdir / 'folder_captions.tsv').read_text().splitlines()
+  assert len(lines) == len(list(folder.iterdir())) and all('\t' in line for line in lines)
+
+
 _CHECKS = {'benchmark.py': _check_benchmark, 'benchmark_gpu.sh': _check_benchmark_gpu,
-           'caption.py': _check_caption, 'evaluate.py': _check_evaluate}
+           'caption.py': _check_caption, 'evaluate.py': _check_evaluate,
+           'rehearse.py': _check_rehearse}
 
 
 def _coordinator(p: Plan) -> str | None:
