@@ -104,18 +104,30 @@ def _write_part(f, image_ids: np.ndarray, embedding: np.ndarray) -> None:
            embedding=embedding.view(np.uint16) if embedding.dtype == BFLOAT16 else embedding)
 
 
-def _read_part(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_part(path: str, name: str = 'embedding') -> np.ndarray:
+  """One array of a part file (npz reads each array alone)."""
   part = np.load(path)
+  if name != 'embedding':
+    return part[name]
   embedding = part['embedding']
   if 'embedding_dtype' in part and str(part['embedding_dtype']) == BFLOAT16.name:
     embedding = embedding.view(BFLOAT16)
-  return part['image_ids'], embedding
+  return embedding
 
 
 def _read_parts(directory: str) -> SplitFeatures:
-  parts = [_read_part(_part_path(directory, i)) for i in range(_complete_parts(directory))]
-  return SplitFeatures(np.concatenate([ids for ids, _ in parts]).astype(np.int64),
-                       np.concatenate([embedding for _, embedding in parts]))
+  """The parts' ids and embeddings, the embeddings read into one array part by part: memory
+  holds the split once (a concatenation of the parts would hold it twice)."""
+  paths = [_part_path(directory, i) for i in range(_complete_parts(directory))]
+  image_ids = np.concatenate([_read_part(p, 'image_ids') for p in paths]).astype(np.int64)
+  embedding, start = None, 0
+  for path in paths:
+    part = _read_part(path)
+    if embedding is None:
+      embedding = np.empty((len(image_ids), *part.shape[1:]), part.dtype)
+    embedding[start:start + len(part)] = part
+    start += len(part)
+  return SplitFeatures(image_ids, embedding)
 
 
 def load(directory: str) -> SplitFeatures:
@@ -126,9 +138,18 @@ def load(directory: str) -> SplitFeatures:
   return _read_parts(directory)
 
 
+def summary(directory: str) -> dict[str, Any]:
+  """A complete cache's {'images': count, 'features_shape': per image, 'bytes': on disk}."""
+  with open(os.path.join(directory, COMPLETE_FILENAME)) as f:
+    found = json.load(f)
+  size = sum(os.path.getsize(_part_path(directory, i)) for i in range(_complete_parts(directory)))
+  return {**found, 'bytes': size}
+
+
 def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collections.ConfigDict,
-            state: Any, mesh: jax.sharding.Mesh, cache_dir: str) -> SplitFeatures:
-  """The split's cached embeddings, computed (or completed, or rebuilt) first if needed.
+            state: Any, mesh: jax.sharding.Mesh, cache_dir: str) -> str:
+  """The folder of the split's cached embeddings (`load` reads them), computed (or completed,
+  or rebuilt) first if needed; memory holds one part at a time.
 
   `state` is a replicated train state whose `variables` hold the (frozen) encoder.
   """
@@ -146,7 +167,7 @@ def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collection
         shutil.rmtree(directory)
       parallel.sync_processes(f'feature cache {directory} cleared')
   if os.path.exists(os.path.join(directory, COMPLETE_FILENAME)):
-    return load(directory)
+    return directory
   if is_chief:
     os.makedirs(directory, exist_ok=True)
     _write_atomically(fingerprint_path, lambda f: f.write(json.dumps(expected, indent=1).encode()))
@@ -184,30 +205,31 @@ def extract(builder: tfds.core.DatasetBuilder, split: str, config: ml_collection
     logging.info('Feature cache %s: part %d/%d (%.0f images/s)', directory, part + 1, num_parts,
                  sum(len(i) for i in image_ids) / max(time.perf_counter() - start, 1e-9))
     start = time.perf_counter()
-  result = None
   if is_chief:
-    result = _mark_complete(directory, expected['num_examples'])
+    _mark_complete(directory, expected['num_examples'])
   parallel.sync_processes(f'feature cache {directory} complete')
-  return result if result is not None else load(directory)
+  return directory
 
 
-def _mark_complete(directory: str, num_examples: int) -> SplitFeatures:
-  """Checks the parts hold every image once, then marks the cache complete."""
-  result = _read_parts(directory)
-  if len(result.image_ids) != num_examples or len(np.unique(result.image_ids)) != num_examples:
-    raise RuntimeError(f'{directory}: {len(result.image_ids)} embeddings '
-                       f'({len(np.unique(result.image_ids))} distinct images) for {num_examples} '
+def _mark_complete(directory: str, num_examples: int) -> None:
+  """Checks the parts hold every image once (their ids alone are read), then marks the cache
+  complete."""
+  paths = [_part_path(directory, i) for i in range(_complete_parts(directory))]
+  image_ids = np.concatenate([_read_part(p, 'image_ids') for p in paths])
+  if len(image_ids) != num_examples or len(np.unique(image_ids)) != num_examples:
+    raise RuntimeError(f'{directory}: {len(image_ids)} embeddings '
+                       f'({len(np.unique(image_ids))} distinct images) for {num_examples} '
                        'images; delete the folder to rebuild it')
+  shape = list(_read_part(paths[-1]).shape[1:]) if paths else []
   _write_atomically(os.path.join(directory, COMPLETE_FILENAME), lambda f: f.write(json.dumps(
-      {'images': num_examples, 'features_shape': list(result.embedding.shape[1:])}).encode()))
-  return result
+      {'images': num_examples, 'features_shape': shape}).encode()))
 
 
 def extract_splits(config: ml_collections.ConfigDict, workdir: str,
-                   splits: Sequence[str] | None = None) -> dict[str, SplitFeatures]:
+                   splits: Sequence[str] | None = None) -> dict[str, str]:
   """Fills the feature cache of `splits` (default: the training split and the eval splits)
-  with the config's (frozen) encoder, as training would; returns each split's cached features.
-  Complete, current caches are only read."""
+  with the config's (frozen) encoder, as training would; returns each split's cache folder.
+  Complete, current caches are left as they are."""
   encoder_weights = captioner.load_encoder_weights(config.model)
   prepared = prepare.prepare(config, workdir)
   if splits is None:

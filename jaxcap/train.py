@@ -91,8 +91,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         process_count=jax.process_count()).as_numpy_iterator()
 
   def cached_features():
-    return feature_cache.extract(prepared.builder, prepared.train_split, config, full_state,
-                                 mesh, workdir_lib.features_dir(config, workdir))
+    return feature_cache.load(feature_cache.extract(
+        prepared.builder, prepared.train_split, config, full_state, mesh,
+        workdir_lib.features_dir(config, workdir)))
 
   setup = trainers.Setup(config, model, prepared.tokenizer.vocab_size, mesh, full_state,
                          checkpoints, train_table, train_batches, cached_features)

@@ -16,7 +16,6 @@ from jaxcap import command_line
 from jaxcap import feature_cache
 from jaxcap import host_memory
 from jaxcap import parallel
-from jaxcap import workdir as workdir_lib
 from jaxcap.data import sources
 from jaxcap.models import inception_v3
 
@@ -39,9 +38,10 @@ def main(argv):
     cached = feature_cache.extract_splits(config, FLAGS.workdir, FLAGS.splits)
   except (sources.DataError, inception_v3.WeightsError) as error:
     raise SystemExit(str(error)) from None
-  for split, features in cached.items():
-    print(f'{split}: {len(features.image_ids)} images, embeddings {features.embedding.shape[1]}-d '
-          f'{features.embedding.dtype} in {workdir_lib.features_dir(config, FLAGS.workdir)}')
+  for split, directory in cached.items():
+    found = feature_cache.summary(directory)
+    print(f'{split}: {found["images"]} images, features {tuple(found["features_shape"])} '
+          f'{config.features.storage_dtype}, {found["bytes"] / 2**20:.1f} MB in {directory}')
 
 
 if __name__ == '__main__':

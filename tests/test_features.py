@@ -54,7 +54,7 @@ def test_cache_equals_streaming_resumes_and_rebuilds_when_stale(config, tmp_path
   config = _features_config(config)
   config.model.decoder, config.features.storage_dtype = decoder, storage_dtype
   workdir = str(tmp_path)
-  cached = feature_cache.extract_splits(config, workdir, ['val'])['val']
+  cached = feature_cache.load(feature_cache.extract_splits(config, workdir, ['val'])['val'])
   streamed = _streamed_embeddings(config, workdir, 'val')
   assert sorted(cached.image_ids.tolist()) == sorted(streamed) and len(streamed) == 12
   assert cached.embedding.dtype == np.dtype(storage_dtype)
@@ -73,14 +73,14 @@ def test_cache_equals_streaming_resumes_and_rebuilds_when_stale(config, tmp_path
   (directory / 'complete.json').unlink()
   (directory / 'part-00001.npz').unlink()
   first_part_mtime = (directory / 'part-00000.npz').stat().st_mtime_ns
-  resumed = feature_cache.extract_splits(config, workdir, ['val'])['val']
+  resumed = feature_cache.load(feature_cache.extract_splits(config, workdir, ['val'])['val'])
   assert (directory / 'part-00000.npz').stat().st_mtime_ns == first_part_mtime
   np.testing.assert_array_equal(resumed.embedding, cached.embedding)
 
   # Another image size makes other embeddings: the cache is rebuilt, not reused.
   config.data.image_size = 24
   with caplog.at_level(logging.WARNING):
-    rebuilt = feature_cache.extract_splits(config, workdir, ['val'])['val']
+    rebuilt = feature_cache.load(feature_cache.extract_splits(config, workdir, ['val'])['val'])
   assert 'stale (image_size changed)' in caplog.text
   assert json.loads((directory / 'fingerprint.json').read_text())['image_size'] == 24
   assert rebuilt.embedding.shape != cached.embedding.shape or not np.allclose(

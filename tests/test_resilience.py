@@ -52,7 +52,8 @@ def test_nonfinite_loss_stops_without_saving_nan(config, tmp_path, monkeypatch):
   def poisoned_dataset(*args, start_step=0, **kwargs):
     def poison(index, batch):
       step = index + start_step + 1
-      image = tf.where(step >= 4, tf.fill(tf.shape(batch['image']), np.inf), batch['image'])
+      image = tf.cast(batch['image'], tf.float32) / 127.5 - 1  # The model takes float too.
+      image = tf.where(step >= 4, tf.fill(tf.shape(image), np.inf), image)
       return {**batch, 'image': image}
     return real_dataset(*args, start_step=start_step, **kwargs).enumerate().map(poison)
 
