@@ -113,6 +113,7 @@ def run(workdir: str, scale: float = 1.0, *, train_steps: int | None = None,
   """Writes the dataset at `scale` (once; kept in WORKDIR/data), then runs each phase of the main
   job on it with configs/rehearsal.py; returns the phases as they ran (also written to
   WORKDIR/phases.json). `overrides` are more `--config.FIELD=VALUE` flags."""
+  workdir = os.path.abspath(workdir)  # The phases run from the repository's root.
   os.makedirs(workdir, exist_ok=True)
   data, logs = os.path.join(workdir, 'data'), os.path.join(workdir, 'logs')
   os.makedirs(logs, exist_ok=True)
@@ -146,7 +147,7 @@ def run(workdir: str, scale: float = 1.0, *, train_steps: int | None = None,
         '--config.model.decoder=updown']),
       # 100 steps: its step's cost does not grow with the data (2.8 s on 2 cores), its setup
       # (the references' n-gram tables, the placement) does.
-      ('self-critical training from show_tell (100 steps)',
+      (f'self-critical training from show_tell ({train_steps or 100} steps)',
        [python, script('train.py'), *config, '--workdir', scst, *data_flags,
         *[f'--config.{field}=100' for field in ('num_train_steps', 'eval_every_steps',
                                                  'checkpoint_every_steps', 'log_every_steps')

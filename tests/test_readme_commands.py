@@ -468,7 +468,7 @@ def _check_rehearse(p: Plan, result, checkout: Checkout) -> None:
     test, = [r for r in records if r['split'] == 'test']
     assert test['num_images'] >= 1 and 'checkpoint_step' in test, test
   assert list((workdir / 'show_tell' / 'eval').glob('test_step*_beam3.html'))
-  folder, = workdir.glob('folder_*')
+  folder, = workdir.glob('folder_[0-9]*')
   lines = (workdir / 'folder_captions.tsv').read_text().splitlines()
   assert len(lines) == len(list(folder.iterdir())) and all('\t' in line for line in lines)
 
