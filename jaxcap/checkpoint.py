@@ -60,7 +60,7 @@ def create_manager(workdir: str, keep: int, best: Best | None = None) -> ocp.Che
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
         policies.BestN(get_metric_fn=score, reverse=mode == 'min', n=1,
-                                  keep_checkpoints_without_metrics=False)])
+                       keep_checkpoints_without_metrics=False)])
     options = ocp.CheckpointManagerOptions(create=True, best_fn=score, best_mode=mode,
                                            preservation_policy=policy)
   return ocp.CheckpointManager(workdir_lib.checkpoint_dir(workdir), options=options)
@@ -70,10 +70,8 @@ def best_step(manager: ocp.CheckpointManager, best: Best | None) -> int | None:
   """The step whose saved validation metrics hold the best `best` metric (the latest of equal
   ones, as Orbax keeps), or None where no checkpoint has it (none evaluated yet, or a manager
   that tracks no best)."""
-  if best is None or manager.best_step() is None:
-    return None
-  step = manager.best_step()
-  return step if best[0] in (manager.metrics(step) or {}) else None
+  step = None if best is None else manager.best_step()
+  return step if step is not None and best[0] in (manager.metrics(step) or {}) else None
 
 
 def choose_step(manager: ocp.CheckpointManager, best: Best | None, which: str | int | None,

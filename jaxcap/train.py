@@ -112,12 +112,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   trainers.check_trainer(config)
   encoder_weights = captioner.load_encoder_weights(config.model)  # Fails before any work.
   workdir_lib.check_resume(workdir, config)
-  best = checkpoint.best_of(config)
-  if best is not None and best[0] not in evaluate.validation_metric_names(config):
+  best, validation_metrics = checkpoint.best_of(config), evaluate.validation_metric_names(config)
+  if best is not None and best[0] not in validation_metrics:
     raise ValueError(
         f'config.best_checkpoint.metric={best[0]!r} is not a metric of the validation '
         f'(config.eval.periodic_metrics={config.eval.periodic_metrics!r} logs '
-        f'{", ".join(sorted(evaluate.validation_metric_names(config)))})')
+        f'{", ".join(sorted(validation_metrics))})')
   is_chief = jax.process_index() == 0
   if is_chief:
     workdir_lib.write_config(workdir, config)
@@ -157,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # The first eval split validates (and chooses the best checkpoint); the others are reported.
   validation_split, *report_splits = config.data.eval_splits or (None,)
 
-  def evaluate_split(scored_state, split: str, step: int, *, coco_metrics: bool = True,
+  def score_split(scored_state, split: str, step: int, *, coco_metrics: bool = True,
                      **more: float) -> dict[str, float]:
     """Scores `split`, logs it (and `more`) at `step` and writes its captions (named by the
     scored state's step)."""
@@ -176,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     del t
     _raise_if_nonfinite(unchecked_finite, checkpoints.manager)  # Never checkpoint NaN parameters.
     validate = step in eval_steps and validation_split is not None
-    metrics = evaluate_split(state, validation_split, step,
+    metrics = score_split(state, validation_split, step,
                              coco_metrics=periodic_coco) if validate else None
     with progress.timed('checkpoint', wait_jax_async_dispatch=False):
       checkpoints.save(state, force=step == last_step, metrics=metrics)
@@ -197,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  'the last step' if best_step is None else
                  f'the best by {validation_split} {checkpoints.best[0]}')
     for split in report_splits:
-      evaluate_split(scored_state, split, step, checkpoint_step=scored_step)
+      score_split(scored_state, split, step, checkpoint_step=scored_step)
 
   # Progress: steps/s, examples/s and the ETA, with the time evaluations and checkpoints take.
   log_steps = _every(config.log_every_steps, last_step)
