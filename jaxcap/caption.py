@@ -115,9 +115,6 @@ def caption_paths(trained: predict.Trained, paths: Iterable[str]) -> list[tuple[
   return list(caption_stream(trained, list(paths)))
 
 
-OUTPUT_FORMATS = ('tsv', 'jsonl')
-
-
 def output_format(path: str) -> str:
   """'jsonl' for a .jsonl or .json file, else 'tsv'."""
   return 'jsonl' if path.endswith(('.jsonl', '.json')) else 'tsv'
